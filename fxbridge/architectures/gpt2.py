@@ -1,0 +1,25 @@
+"""GPT-2: Conv1D projections, fused ``c_attn`` ([q | k | v] contiguous), LayerNorm, learned positions, GELU MLP."""
+from .spec import ArchSpec
+
+GPT2 = ArchSpec(
+    model_types=("gpt2",),
+    family="GPT-2",
+    layers="transformer.h",
+    embed="transformer.wte",
+    pos_embed="transformer.wpe",
+    final_norm="transformer.ln_f",
+    ln1="ln_1",
+    ln2="ln_2",
+    attn="attn",
+    q=None, k=None, v=None,
+    qkv="c_attn",
+    qkv_layout="contiguous",
+    mlp_gate=None,
+    mlp_in="c_fc",
+    mlp_out="c_proj",
+    norm="layernorm",
+    rotary=False,
+    notes="fused c_attn split into hook_q/k/v",
+)
+
+SPECS = (GPT2,)

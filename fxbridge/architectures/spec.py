@@ -1,0 +1,69 @@
+"""ArchSpec: everything fxbridge needs to know about one HF model family, as data.
+
+Module paths are HF's (``model.layers.{i}.self_attn.q_proj``); per-layer paths are relative to the layer.
+Sizes (layers, heads, KV heads, head dim) come from the HF config through ``dims``; a spec only names where
+things are and which layout facts hold.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_types: tuple[str, ...]
+    family: str
+    # model level
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    pos_embed: str | None = None
+    final_norm: str = "model.norm"
+    unembed: str = "lm_head"
+    # per layer (relative to f"{layers}.{i}")
+    ln1: str = "input_layernorm"
+    ln2: str | None = "post_attention_layernorm"
+    ln1_post: str | None = None  # sandwich norms (Gemma 2/3/4): output is hook_attn_out
+    ln2_post: str | None = None  # ... and hook_mlp_out
+    attn: str = "self_attn"
+    q: str | None = "q_proj"
+    k: str | None = "k_proj"
+    v: str | None = "v_proj"
+    qkv: str | None = None  # fused projection, split by `qkv_layout`
+    qkv_layout: str = "contiguous"  # [q | k | v]; "per_head" [q_h,k_h,v_h] x H; "per_group" [q..q,k,v] x Hkv
+    mlp: str = "mlp"
+    mlp_gate: str | None = "gate_proj"  # gated MLP: hook_pre = gate output, hook_pre_linear = mlp_in output
+    mlp_in: str = "up_proj"
+    mlp_out: str = "down_proj"
+    # layout facts
+    norm: str = "rms"  # "rms" | "layernorm"
+    rotary: bool = True
+    parallel: bool = False  # attention and MLP both read resid_pre (no hook_resid_mid)
+    final_softcap_config: str | None = None  # config attribute holding the final-logit softcap
+    notes: str = ""
+    passes: tuple[str, ...] = field(default=(
+        "hook_embeddings", "hook_attention", "hook_qkv", "hook_mlp", "hook_norms", "hook_residual", "hook_unembed",
+    ))
+
+    def layer(self, i: int, rel: str | None = None) -> str:
+        base = f"{self.layers}.{i}"
+        return base if rel is None else f"{base}.{rel}"
+
+    @property
+    def model_type(self) -> str:
+        return self.model_types[0]
+
+
+def dims_from_config(config) -> dict[str, int]:
+    """n_layers, d_model, n_heads, n_kv_heads, d_head, d_vocab from an HF config (standard v5 attribute names)."""
+    n_heads = int(config.num_attention_heads)
+    d_model = int(config.hidden_size)
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    d_head = getattr(config, "head_dim", None) or d_model // n_heads
+    return {
+        "n_layers": int(config.num_hidden_layers),
+        "d_model": d_model,
+        "n_heads": n_heads,
+        "n_kv_heads": int(n_kv),
+        "d_head": int(d_head),
+        "d_vocab": int(config.vocab_size),
+    }

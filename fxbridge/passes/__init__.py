@@ -1,0 +1,15 @@
+"""Graph -> graph rewrites, one pass a file. ``PASSES`` maps the names an ArchSpec lists to the passes."""
+from .base import GraphPass, PassContext, PassResult, run_passes
+from .hook_attention import hook_attention
+from .hook_embeddings import hook_embeddings
+from .hook_mlp import hook_mlp
+from .hook_norms import hook_norms
+from .hook_qkv import hook_qkv
+from .hook_residual import hook_residual
+from .hook_unembed import hook_unembed
+
+PASSES: dict[str, GraphPass] = {p.name: p for p in (
+    hook_embeddings, hook_attention, hook_qkv, hook_mlp, hook_norms, hook_residual, hook_unembed,
+)}
+
+__all__ = ["PASSES", "GraphPass", "PassContext", "PassResult", "run_passes"]

@@ -1,0 +1,64 @@
+"""Replace each captured attention call by an ``AttentionCore`` module and hook its inputs and output.
+
+    z = fxbridge.attention(q, k, v, mask, scale, cap)
+->  q' = hook_rot_q(q) ; k' = hook_rot_k(k)                 (rotary models; seen as [B,S,H,dh])
+    z = blocks.i.attn(q', k', v, mask)                     (fused SDPA, or eager with hook_attn_scores/pattern)
+    z = hook_z(z)
+"""
+import torch
+
+from ..runtime.cores import AttentionCore
+from .base import PassContext, graph_pass
+from .graph_utils import SWAP_HEADS_POS, hook_after, hook_viewed, install, stack_paths
+
+ATTENTION_OP = torch.ops.fxbridge.attention.default
+
+
+def _layer_of(node, spec, layer_idx: int) -> int:
+    """The decoder layer a node sits in, from its module stack (layer_idx from HF is only a cross-check)."""
+    prefix = spec.layers + "."
+    for path in stack_paths(node):
+        if path.startswith(prefix):
+            head = path[len(prefix):].split(".")[0]
+            if head.isdigit():
+                return int(head)
+    raise LookupError(f"attention call {node.name} (layer_idx={layer_idx}) is outside {spec.layers}.*")
+
+
+def _check_softcap(softcap, config) -> None:
+    expected = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None and (expected is None or abs(float(expected) - softcap) > 1e-6 * abs(softcap)):
+        raise ValueError(f"attention softcap {softcap} does not match config.attn_logit_softcapping={expected}")
+
+
+@graph_pass(expects=lambda spec, dims: dims["n_layers"])
+def hook_attention(ctx: PassContext) -> int:
+    """Turn fxbridge.attention nodes into AttentionCore modules with rot_q/rot_k/z hooks."""
+    spec, graph = ctx.spec, ctx.graph
+    found = 0
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target == ATTENTION_OP]:
+        q, k, v, mask, scaling, softcap, layer_idx = node.args
+        layer = _layer_of(node, spec, layer_idx)
+        _check_softcap(softcap, ctx.config)
+        attn_path = spec.layer(layer, spec.attn)
+        name = f"blocks.{layer}.attn"
+        core_module = AttentionCore(scaling, softcap, layer)
+        for point in core_module.children():
+            point.made_by, point.hf_module = "hook_attention", attn_path
+        install(ctx.root, name, core_module)
+        with graph.inserting_before(node):
+            core = graph.call_module(name, (q, k, v, mask))
+        core.meta.update(node.meta)
+        core.meta["fxbridge_pass"] = "hook_attention"
+        node.replace_all_uses_with(core)
+        graph.erase_node(node)
+        if spec.rotary:
+            for arg, hook, heads in ((q, "hook_rot_q", "H"), (k, "hook_rot_k", "Hkv")):
+                hook_viewed(graph, ctx.root, arg, f"{name}.{hook}", to_hook=SWAP_HEADS_POS[0],
+                            from_hook=SWAP_HEADS_POS[1], shape=("B", "S", heads, "dh"), made_by="hook_attention",
+                            scope=attn_path, users=[core], hf_module=attn_path)
+        hook_after(graph, ctx.root, core, f"{name}.hook_z", shape=("B", "S", "H", "dh"), made_by="hook_attention",
+                   scope=attn_path, hf_module=attn_path)
+        ctx.aliases[f"{name}.o.hook_in"] = f"{name}.hook_z"
+        found += 1
+    return found

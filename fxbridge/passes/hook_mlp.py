@@ -1,0 +1,46 @@
+"""Hook the MLP: ``hook_pre`` (gate or input projection output), ``hook_pre_linear`` (gated: up projection
+output) and ``hook_post`` (the input of the down projection).
+
+    h = act(linear(x, W_gate)) * linear(x, W_up)      ->   h = act(hook_pre(gate)) * hook_pre_linear(up)
+    y = linear(h, W_down)                             ->   y = linear(hook_post(h), W_down)
+"""
+from .base import PassContext, graph_pass
+from .graph_utils import hook_after, module_inputs, module_nodes, module_output, single
+
+
+def _expected(spec, dims) -> int:
+    return dims["n_layers"] * (3 if spec.mlp_gate else 2)
+
+
+@graph_pass(expects=_expected)
+def hook_mlp(ctx: PassContext) -> int:
+    """Hook the MLP's pre-activation(s) and post-activation."""
+    spec, graph = ctx.spec, ctx.graph
+    found = 0
+    for layer in range(ctx.dims["n_layers"]):
+        mlp_path = spec.layer(layer, spec.mlp)
+        prefix = f"blocks.{layer}.mlp"
+        pre_path = spec.layer(layer, f"{spec.mlp}.{spec.mlp_gate or spec.mlp_in}")
+        todo = [(pre_path, "hook_pre")]
+        if spec.mlp_gate:
+            todo.append((spec.layer(layer, f"{spec.mlp}.{spec.mlp_in}"), "hook_pre_linear"))
+        for path, hook in todo:
+            out = module_output(graph, path)
+            if out is None:
+                continue
+            hook_after(graph, ctx.root, out, f"{prefix}.{hook}", shape=("B", "S", "F"), made_by="hook_mlp",
+                       scope=mlp_path, hf_module=path)
+            found += 1
+        down_path = spec.layer(layer, f"{spec.mlp}.{spec.mlp_out}")
+        post = single(module_inputs(graph, down_path), f"input of {down_path}")
+        inside = set(module_nodes(graph, down_path))
+        hook_after(graph, ctx.root, post, f"{prefix}.hook_post", shape=("B", "S", "F"), made_by="hook_mlp",
+                   scope=mlp_path, users=[u for u in post.users if u in inside], hf_module=down_path)
+        found += 1
+        ctx.aliases.update({
+            f"{prefix}.{'gate' if spec.mlp_gate else 'in'}.hook_out": f"{prefix}.hook_pre",
+            f"{prefix}.out.hook_in": f"{prefix}.hook_post",
+        })
+        if spec.mlp_gate:
+            ctx.aliases[f"{prefix}.in.hook_out"] = f"{prefix}.hook_pre_linear"
+    return found

@@ -1,0 +1,58 @@
+"""Hook the residual stream of every decoder layer.
+
+    x = <previous layer or embeddings>            x' = hook_resid_pre(x)          (only the layer's reads)
+    a = attn(ln1(x)) ; m = x + a                   a' = hook_attn_out(a) ; m' = hook_resid_mid(x' + a')
+    f = mlp(ln2(m)) ; y = m + f              ->    f' = hook_mlp_out(f) ; y' = hook_resid_post(m' + f')
+Sandwich-norm models hook the post-norm outputs as attn_out / mlp_out; parallel blocks have no resid_mid.
+"""
+import torch
+
+from .base import PassContext, graph_pass
+from .graph_utils import hook_after, module_inputs, module_nodes, module_output, single, stack_paths
+
+aten = torch.ops.aten
+_ADDS = {aten.add.Tensor}
+
+
+def _hooks_per_layer(spec) -> int:
+    return 4 + (not spec.parallel)
+
+
+def _parent_scope(node, path: str) -> str:
+    paths = stack_paths(node)
+    idx = paths.index(path)
+    return paths[idx - 1] if idx > 0 else ""
+
+
+@graph_pass(expects=lambda spec, dims: _hooks_per_layer(spec) * dims["n_layers"])
+def hook_residual(ctx: PassContext) -> int:
+    """Hook resid_pre, attn_out, resid_mid, mlp_out and resid_post of each layer."""
+    spec, graph, root = ctx.spec, ctx.graph, ctx.root
+    found = 0
+    for i in range(ctx.dims["n_layers"]):
+        layer = spec.layer(i)
+        inside = set(module_nodes(graph, layer))
+        x_in = single([n for n in module_inputs(graph, spec.layer(i, spec.ln1)) if n not in inside],
+                      f"residual input of {layer}")
+        attn_out = module_output(graph, spec.layer(i, spec.ln1_post or spec.attn))
+        mlp_out = module_output(graph, spec.layer(i, spec.ln2_post or spec.mlp))
+        out = module_output(graph, layer)
+        blk = f"blocks.{i}"
+        common = dict(made_by="hook_residual", hf_module=layer)
+        readers = [u for u in x_in.users if u in inside]
+        hook_after(graph, root, x_in, f"{blk}.hook_resid_pre", shape=("B", "S", "D"), scope=layer, users=readers,
+                   meta_from=readers[0], **common)
+        graph_node = hook_after(graph, root, attn_out, f"{blk}.hook_attn_out", shape=("B", "S", "D"), scope=layer,
+                                **common)
+        found += 2
+        if not spec.parallel:
+            mid = single([u for u in graph_node.users if u.target in _ADDS], f"residual add after {blk}.hook_attn_out")
+            hook_after(graph, root, mid, f"{blk}.hook_resid_mid", shape=("B", "S", "D"), scope=layer, **common)
+            found += 1
+        hook_after(graph, root, mlp_out, f"{blk}.hook_mlp_out", shape=("B", "S", "D"), scope=layer, **common)
+        hook_after(graph, root, out, f"{blk}.hook_resid_post", shape=("B", "S", "D"), scope=_parent_scope(out, layer),
+                   **common)
+        found += 2
+        ctx.aliases.update({f"{blk}.hook_in": f"{blk}.hook_resid_pre", f"{blk}.hook_out": f"{blk}.hook_resid_post",
+                            f"{blk}.attn.hook_out": f"{blk}.hook_attn_out", f"{blk}.mlp.hook_out": f"{blk}.hook_mlp_out"})
+    return found

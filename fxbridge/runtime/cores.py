@@ -1,0 +1,94 @@
+"""Regions that HF computes fused and TransformerLens hooks in the middle of.
+
+A core replaces a small piece of the captured graph (the attention call, a norm's normalisation) with one
+``call_module`` node. Its hook points are its children. While none of them has a hook attached, the core runs
+the same fused op HF runs (``scaled_dot_product_attention``, ``x * rsqrt(v)``, ``layer_norm``); once one is hooked
+it computes the intermediate values explicitly, exactly as HF's eager code does, so hooks see the real values and
+their edits take effect (DESIGN.md principle 4: pay only for what is hooked).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..tracer.attention_op import eager_attention
+from .hook_point import HookPoint
+
+
+class AttentionCore(nn.Module):
+    """softmax(q k^T * scale [-> softcap] + mask) v for one layer; q [B,H,S,dh], k/v [B,Hkv,S,dh] -> z [B,S,H,dh].
+
+    ``force_eager`` makes it always materialise scores and pattern (useful to compare the two paths).
+    """
+
+    def __init__(self, scaling: float, softcap: float | None, layer: int):
+        super().__init__()
+        self.scaling, self.softcap, self.layer = float(scaling), softcap, layer
+        self.force_eager = False
+        self.hook_attn_scores = HookPoint(shape=("B", "H", "S", "S"))
+        self.hook_pattern = HookPoint(shape=("B", "H", "S", "S"))
+        if softcap is not None:
+            self.hook_attn_scores_pre_cap = HookPoint(shape=("B", "H", "S", "S"))
+
+    def needs_eager(self) -> bool:
+        """True when this layer must materialise scores/pattern (a hook on them, softcap, or forced)."""
+        return (self.force_eager or self.softcap is not None
+                or self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks)
+
+    def forward(self, q, k, v, mask):
+        if not self.needs_eager():
+            n_rep = q.shape[1] // k.shape[1]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=n_rep > 1)
+            return out.transpose(1, 2).contiguous()
+        pre_cap = getattr(self, "hook_attn_scores_pre_cap", None)
+        return eager_attention(
+            q, k, v, mask, self.scaling, self.softcap,
+            scores_hook=self.hook_attn_scores,
+            pre_cap_hook=pre_cap if pre_cap is not None and pre_cap.has_hooks else None,
+            pattern_hook=self.hook_pattern,
+        )
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer}, scaling={self.scaling:.4g}, softcap={self.softcap}"
+
+
+class RMSNormCore(nn.Module):
+    """x * rsqrt(var_eps) as HF writes it; hooked: scale = sqrt(var_eps) [B,S,1], normalized = x / scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.hook_scale = HookPoint(shape=("B", "S", "1"))
+        self.hook_normalized = HookPoint(shape=("B", "S", "D"))
+
+    def forward(self, x, var_eps):
+        if not (self.hook_scale.has_hooks or self.hook_normalized.has_hooks):
+            return x * torch.rsqrt(var_eps)
+        scale = self.hook_scale(torch.sqrt(var_eps))
+        return self.hook_normalized(x / scale)
+
+
+class LayerNormCore(nn.Module):
+    """F.layer_norm as HF calls it; hooked: centred x / scale with scale = sqrt(var + eps), then weight and bias."""
+
+    def __init__(self, normalized_shape, eps: float):
+        super().__init__()
+        self.normalized_shape, self.eps = tuple(normalized_shape), float(eps)
+        self.hook_scale = HookPoint(shape=("B", "S", "1"))
+        self.hook_normalized = HookPoint(shape=("B", "S", "D"))
+
+    def forward(self, x, weight=None, bias=None):
+        if not (self.hook_scale.has_hooks or self.hook_normalized.has_hooks):
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        xf = x.float()
+        centred = xf - xf.mean(-1, keepdim=True)
+        scale = self.hook_scale((centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        out = self.hook_normalized(centred / scale)
+        if weight is not None:
+            out = out * weight
+        if bias is not None:
+            out = out + bias
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"

@@ -1,0 +1,104 @@
+"""HookPoint: an identity module on the data path that runs the hook functions attached to it.
+
+It follows TransformerLens's ``HookPoint`` contract -- ``fn(activation, hook)``, a returned tensor replaces the
+activation, backward hooks receive the gradient of the activation -- but dispatches its own list of functions
+instead of going through ``nn.Module`` forward hooks, so a point with nothing attached costs one attribute test.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import HookShapeError
+
+HookFn = Callable[..., "torch.Tensor | None"]
+
+
+@dataclass(eq=False)
+class HookHandle:
+    """Returned by ``HookPoint.add_hook``; ``remove()`` detaches exactly that function."""
+
+    point: "HookPoint"
+    fn: HookFn
+    dir: str
+    is_permanent: bool = False
+
+    def remove(self) -> None:
+        hooks = self.point._fwd if self.dir == "fwd" else self.point._bwd
+        if self in hooks:
+            hooks.remove(self)
+
+
+class HookPoint(nn.Module):
+    """Identity with hooks. ``name`` is its dotted name in the traced module (set when installed)."""
+
+    def __init__(self, name: str = "", shape: tuple[str, ...] = (), made_by: str = "", hf_module: str = ""):
+        super().__init__()
+        self.name = name
+        self.shape = shape  # symbolic dims, e.g. ("B", "S", "H", "dh")
+        self.made_by = made_by  # the pass that created it
+        self.hf_module = hf_module  # the HF module it sits in
+        self._fwd: list[HookHandle] = []
+        self._bwd: list[HookHandle] = []
+
+    @property
+    def has_hooks(self) -> bool:
+        return bool(self._fwd or self._bwd)
+
+    def add_hook(self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, prepend: bool = False) -> HookHandle:
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
+        handle = HookHandle(self, fn, dir, is_permanent)
+        hooks = self._fwd if dir == "fwd" else self._bwd
+        hooks.insert(0, handle) if prepend else hooks.append(handle)
+        return handle
+
+    def remove_hooks(self, dir: str = "both", including_permanent: bool = False) -> None:
+        for d, hooks in (("fwd", self._fwd), ("bwd", self._bwd)):
+            if dir in (d, "both"):
+                hooks[:] = [h for h in hooks if h.is_permanent and not including_permanent]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fwd and not self._bwd:
+            return x
+        for handle in tuple(self._fwd):
+            out = handle.fn(x, hook=self)
+            if out is not None:
+                _check_replacement(self.name, x, out)
+                x = out
+        if self._bwd and x.requires_grad:
+            x = _BackwardHook.apply(x, self)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}"
+
+
+def _check_replacement(name: str, old: torch.Tensor, new) -> None:
+    if not isinstance(new, torch.Tensor):
+        raise HookShapeError(name, f"a tensor of shape {tuple(old.shape)}", f"an object of type {type(new).__name__}")
+    if new.shape != old.shape:
+        raise HookShapeError(name, f"shape {tuple(old.shape)}", f"shape {tuple(new.shape)}")
+
+
+class _BackwardHook(torch.autograd.Function):
+    """Identity whose backward runs the point's backward hooks on the gradient of the activation."""
+
+    @staticmethod
+    def forward(ctx, x, point):
+        # The hooks attached *now* run in backward, even if run_with_hooks has removed them by then.
+        ctx.point, ctx.handles = point, tuple(point._bwd)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        point = ctx.point
+        for handle in ctx.handles:
+            out = handle.fn(grad, hook=point)
+            if out is not None:
+                _check_replacement(point.name, grad, out)
+                grad = out
+        return grad, None

@@ -1,0 +1,181 @@
+"""HookedGraphModule: the traced GraphModule with TransformerLens's hook API.
+
+Lifetimes: the module holds the HF model under ``hf`` (parameters shared, never copied) and its hook points
+under TransformerLens names (``blocks.3.attn.hook_z``). Hooks attached with ``add_hook`` stay until
+``reset_hooks``; hooks passed to ``run_with_hooks`` / ``hooks()`` / ``run_with_cache`` are removed when the call
+ends, also when a hook raises. ``stop_at_layer=k`` runs a copy of the graph cut at ``blocks.k.hook_resid_pre``
+(built once per k and kept), sharing the same hook points and weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from ..errors import unknown_hook_error
+from .cache import ActivationCache
+from .hook_point import HookHandle, HookPoint
+
+NameOrFilter = "str | Callable[[str], bool]"
+
+
+class HookedGraphModule(fx.GraphModule):
+    """``gm(input_ids, attention_mask=None, stop_at_layer=None) -> logits`` plus the hook API (HOOKS.md)."""
+
+    def __init__(self, root: torch.nn.Module, graph: fx.Graph, *, spec, dims: dict[str, int],
+                 aliases: dict[str, str] | None = None, report=None):
+        super().__init__(root, graph, class_name="HookedGraphModule")
+        # GraphModule copies only the attributes the graph references, into fresh containers; put the real
+        # module trees back so `gm.hf` is the HF model and every hook point (also those inside cores) is here.
+        for name, child in root.named_children():
+            setattr(self, name, child)
+        self.spec = spec
+        self.dims = dict(dims)
+        self.report = report
+        self._truncated: dict[int, fx.GraphModule] = {}
+        self._index_hooks(aliases or {})
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def recompile(self):
+        result = super().recompile()
+        cls = type(self)  # GraphModule gives every instance its own class; keep the generated code as _graph_forward
+        cls._graph_forward = cls.forward
+        cls.forward = HookedGraphModule._forward
+        return result
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 stop_at_layer: int | None = None) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a tensor of token ids [batch, pos], got {type(input_ids).__name__}")
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"input_ids {tuple(input_ids.shape)}; they must match")
+        if stop_at_layer is None:
+            return self._graph_forward(input_ids, attention_mask)
+        return self._truncated_module(stop_at_layer)(input_ids, attention_mask)
+
+    def _truncated_module(self, layer: int) -> fx.GraphModule:
+        n = self.dims["n_layers"]
+        if layer < 0:
+            layer += n
+        if not 0 <= layer < n:
+            raise ValueError(f"stop_at_layer must be in [-{n}, {n}), got {layer}")
+        if layer not in self._truncated:
+            self._truncated[layer] = truncate_at(self, f"blocks.{layer}.hook_resid_pre")
+        return self._truncated[layer]
+
+    # ------------------------------------------------------------------------------------------------- hooks
+    def _index_hooks(self, aliases: dict[str, str]) -> None:
+        self.hook_dict: dict[str, HookPoint] = {}
+        for name, module in self.named_modules():
+            if isinstance(module, HookPoint) and not name.startswith("hf."):
+                module.name = name
+                self.hook_dict[name] = module
+        self.aliases = {a: c for a, c in aliases.items() if c in self.hook_dict}
+
+    @property
+    def mod_dict(self) -> dict[str, torch.nn.Module]:
+        return dict(self.named_modules())
+
+    def resolve(self, name: str) -> str:
+        """Canonical hook name for a name or a TransformerBridge-style alias; KeyError with close matches."""
+        if name in self.hook_dict:
+            return name
+        if name in self.aliases:
+            return self.aliases[name]
+        raise unknown_hook_error(name, [*self.hook_dict, *self.aliases])
+
+    def _select(self, name_or_filter) -> list[HookPoint]:
+        if isinstance(name_or_filter, str):
+            return [self.hook_dict[self.resolve(name_or_filter)]]
+        if callable(name_or_filter):
+            return [hp for name, hp in self.hook_dict.items() if name_or_filter(name)]
+        raise TypeError(f"a hook target is a name or a filter function, got {type(name_or_filter).__name__}")
+
+    def add_hook(self, name: "NameOrFilter", hook: Callable, dir: str = "fwd", is_permanent: bool = False,
+                 prepend: bool = False) -> list[HookHandle]:
+        """Attach ``hook(tensor, hook=HookPoint)`` to one hook point or to every name a filter accepts."""
+        return [hp.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend) for hp in self._select(name)]
+
+    def reset_hooks(self, including_permanent: bool = False, direction: str = "both") -> None:
+        for hp in self.hook_dict.values():
+            hp.remove_hooks(direction, including_permanent=including_permanent)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Iterable = (), bwd_hooks: Iterable = (), reset_hooks_end: bool = True):
+        """Attach hooks for the ``with`` block; they are removed at its end, also when something raises."""
+        handles: list[HookHandle] = []
+        try:
+            for name, fn in fwd_hooks:
+                handles += self.add_hook(name, fn, dir="fwd")
+            for name, fn in bwd_hooks:
+                handles += self.add_hook(name, fn, dir="bwd")
+            yield self
+        finally:
+            if reset_hooks_end:
+                for handle in handles:
+                    handle.remove()
+
+    def run_with_hooks(self, *args, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), reset_hooks_end: bool = True,
+                       clear_contexts: bool = False, **kwargs) -> Any:
+        """Forward with temporary hooks. Backward hooks attached here still run in a later ``.backward()``."""
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end):
+            return self(*args, **kwargs)
+
+    def run_with_cache(self, *args, names_filter=None, device=None, remove_batch_dim: bool = False,
+                       incl_bwd: bool = False, return_cache_object: bool = True, **kwargs):
+        """Forward, storing the activation of every hook point ``names_filter`` selects (one entry each)."""
+        names = self._cache_names(names_filter)
+        store: dict[str, torch.Tensor] = {}
+
+        def make_saver(key: str, prefix: str = ""):
+            def save(tensor, hook):
+                t = tensor.detach()
+                if device is not None:
+                    t = t.to(device)
+                store[prefix + key] = t[0] if remove_batch_dim else t
+            return save
+
+        fwd = [(name, make_saver(name)) for name in names]
+        bwd = [(name, make_saver(name + "_grad")) for name in names] if incl_bwd else []
+        with self.hooks(fwd, bwd, reset_hooks_end=True):
+            out = self(*args, **kwargs)
+        if not return_cache_object:
+            return out, store
+        return out, ActivationCache(store, self.dims["n_layers"], has_batch_dim=not remove_batch_dim)
+
+    def _cache_names(self, names_filter) -> list[str]:
+        if names_filter is None:
+            return list(self.hook_dict)
+        if isinstance(names_filter, str):
+            return [self.resolve(names_filter)]
+        if callable(names_filter):
+            return [name for name in self.hook_dict if names_filter(name)]
+        return list(dict.fromkeys(self.resolve(name) for name in names_filter))
+
+
+def truncate_at(gm: fx.GraphModule, hook_name: str) -> fx.GraphModule:
+    """A GraphModule sharing gm's modules whose output is the output of the hook node ``hook_name``."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            break
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node.op == "call_module" and node.target == hook_name:
+            graph.output(env[node])
+            break
+    else:
+        raise KeyError(f"{hook_name!r} is not a node of the graph")
+    graph.eliminate_dead_code()
+    truncated = fx.GraphModule(gm, graph, class_name="TruncatedGraphModule")
+    for name, child in gm.named_children():
+        setattr(truncated, name, child)
+    return truncated

@@ -1,0 +1,104 @@
+"""The attention boundary: an opaque custom op that HF's attention modules call during capture.
+
+Transformers v5 routes every attention module through ``AttentionInterface`` with the query, key and value
+*after* q/k norms and rotary embeddings and *before* any repeat to the query heads, plus the additive mask and
+the scaling / softcap of that layer. fxbridge registers an implementation named ``"fxbridge"`` that calls the
+custom op ``fxbridge::attention``; torch.export keeps a custom op as one node, so the captured graph holds one
+node per attention call with exactly the quantities TransformerLens hooks (rot_q, rot_k, v, the mask, the
+scale). ``passes/hook_attention.py`` later replaces that node by an ``AttentionCore`` module.
+
+The HF model is not modified: ``capture_attention`` switches ``config._attn_implementation`` for the
+duration of the capture only and restores it (HF's own ``set_attn_implementation`` does the same switch).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import AttentionInterface
+
+IMPLEMENTATION = "fxbridge"
+
+
+def eager_attention(q, k, v, mask, scaling: float, softcap: Optional[float], scores_hook=None, pre_cap_hook=None,
+                    pattern_hook=None):
+    """HF's eager attention (``eager_attention_forward`` + Gemma's softcap), with optional hook callbacks.
+
+    q [B,H,Sq,dh], k/v [B,Hkv,Sk,dh], mask additive [B,1|H,Sq,Sk] or None. Returns z [B,Sq,H,dh].
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if softcap is not None:
+        if pre_cap_hook is not None:
+            scores = pre_cap_hook(scores)
+        scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores + mask
+    if scores_hook is not None:
+        scores = scores_hook(scores)
+    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if pattern_hook is not None:
+        pattern = pattern_hook(pattern)
+    return torch.matmul(pattern, v).transpose(1, 2).contiguous()
+
+
+@torch.library.custom_op("fxbridge::attention", mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scaling: float,
+              softcap: Optional[float], layer_idx: int) -> torch.Tensor:
+    """Opaque attention node used only while capturing; computes HF eager attention."""
+    return eager_attention(q, k, v, mask, scaling, softcap)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, mask, scaling, softcap, layer_idx):
+    batch, heads, seq, _ = q.shape
+    return q.new_empty(batch, seq, heads, v.shape[-1])
+
+
+def _hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
+                           **kwargs):
+    """The function registered in HF's AttentionInterface under the name ``"fxbridge"``."""
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not supported by fxbridge yet")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    layer_idx = getattr(module, "layer_idx", None)
+    out = torch.ops.fxbridge.attention(query, key, value, attention_mask, float(scaling),
+                                       None if softcap is None else float(softcap),
+                                       -1 if layer_idx is None else int(layer_idx))
+    return out, None
+
+
+AttentionInterface.register(IMPLEMENTATION, _hf_attention_function)
+AttentionMaskInterface.register(IMPLEMENTATION, eager_mask)
+
+
+def _configs(model):
+    seen = []
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if cfg is not None and all(cfg is not c for c in seen):
+            seen.append(cfg)
+            for sub in getattr(cfg, "sub_configs", {}) or {}:
+                sub_cfg = getattr(cfg, sub, None)
+                if sub_cfg is not None and all(sub_cfg is not c for c in seen):
+                    seen.append(sub_cfg)
+    return seen
+
+
+@contextlib.contextmanager
+def capture_attention(model):
+    """Route the model's attention through ``fxbridge::attention`` while the block runs, then restore."""
+    saved = [(cfg, cfg._attn_implementation) for cfg in _configs(model)]
+    try:
+        for cfg, _ in saved:
+            cfg._attn_implementation = IMPLEMENTATION
+        yield
+    finally:
+        for cfg, impl in saved:
+            cfg._attn_implementation = impl

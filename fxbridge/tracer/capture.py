@@ -1,0 +1,149 @@
+"""HF causal LM -> flat torch.fx GraphModule whose parameters are the HF model's own.
+
+``torch.fx.symbolic_trace`` fails on transformers-v5 models; ``torch.export.export(strict=False)`` captures
+them (DESIGN.md). The exported program lifts parameters and buffers to placeholders; ``capture`` turns them
+back into ``get_attr`` nodes that point into the HF model (``hf.<fqn>``), so nothing is copied and the
+module stays tied to the HF weights. Batch and sequence are dynamic dims, so one capture serves every shape.
+Each node keeps ``meta["nn_module_stack"]`` (the HF module path it came from), which the passes use.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+from torch.export.graph_signature import InputKind, OutputKind
+
+from ..errors import CaptureError
+from .attention_op import capture_attention
+
+log = logging.getLogger(__name__)
+
+HF_ROOT = "hf"  # attribute under which the traced module holds the HF model
+INPUTS = ("input_ids", "attention_mask")
+
+# Ops that only check metadata at runtime; the graph is already specialised on what they check.
+_RUNTIME_ASSERTS = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+}
+
+
+@dataclass
+class Captured:
+    """What ``capture`` returns: the graph (rooted at a module holding the HF model) and how it was made."""
+
+    root: torch.nn.Module
+    graph: fx.Graph
+    seconds: float
+    example_shape: tuple[int, int]
+    notes: list[str] = field(default_factory=list)
+
+
+def _example_inputs(model, batch: int, seq: int):
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    device = _model_device(model)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, max(vocab, 2), (batch, seq), generator=gen).to(device)
+    mask = torch.ones(batch, seq, dtype=torch.long, device=device)
+    return ids, mask
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 2:
+            return value
+    return None
+
+
+def export_model(model, *, batch: int = 2, seq: int = 7):
+    """torch.export the model's forward(input_ids, attention_mask, use_cache=False) with dynamic B and S."""
+    ids, mask = _example_inputs(model, batch, seq)
+    max_seq = _max_positions(model.config)
+    b_dim = torch.export.Dim("batch", min=1, max=1 << 16)
+    s_dim = torch.export.Dim("seq", min=1, max=max_seq) if max_seq else torch.export.Dim("seq", min=1)
+    dyn = {"input_ids": {0: b_dim, 1: s_dim}, "attention_mask": {0: b_dim, 1: s_dim}, "use_cache": None}
+    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    with capture_attention(model), torch.no_grad():
+        try:
+            return torch.export.export(model, (), kwargs, dynamic_shapes=dyn, strict=False)
+        except Exception as exc:  # torch.export raises many types; re-raise one that names the model
+            raise CaptureError(
+                f"torch.export could not capture {type(model).__name__} "
+                f"(model_type={getattr(model.config, 'model_type', '?')!r}): {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _unlift(ep, model) -> tuple[torch.nn.Module, fx.Graph]:
+    """Rebuild the exported graph with get_attr nodes into the HF model instead of lifted placeholders."""
+    root = torch.nn.Module()
+    root.add_module(HF_ROOT, model)
+    src = ep.graph_module
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    specs = {spec.arg.name: spec for spec in ep.graph_signature.input_specs if hasattr(spec.arg, "name")}
+    n_const = 0
+    for node in src.graph.nodes:
+        if node.op == "placeholder":
+            spec = specs.get(node.name)
+            if spec is None or spec.kind == InputKind.USER_INPUT:
+                if node.name in INPUTS:
+                    env[node] = graph.placeholder(node.name)
+                    env[node].meta.update(node.meta)
+                continue  # use_cache and other constant user inputs vanish
+            if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
+                new = graph.get_attr(f"{HF_ROOT}.{spec.target}")
+            else:  # lifted tensor constants: keep them on the root, not in the HF model
+                name = f"_const_{n_const}"
+                n_const += 1
+                value = ep.constants[spec.target]
+                if isinstance(value, torch.Tensor):
+                    root.register_buffer(name, value, persistent=False)
+                else:
+                    setattr(root, name, value)
+                new = graph.get_attr(name)
+            new.meta.update(node.meta)
+            env[node] = new
+        elif node.op == "output":
+            outs = node.args[0]
+            user = [o for o, spec in zip(outs, ep.graph_signature.output_specs) if spec.kind == OutputKind.USER_OUTPUT]
+            if not user:
+                raise CaptureError("the exported program has no user output (expected the logits)")
+            graph.output(env[user[0]])
+        elif node.op == "call_function" and node.target in _RUNTIME_ASSERTS:
+            continue
+        else:
+            if node.op == "get_attr":  # higher-order-op submodules (e.g. rotary under no_grad)
+                setattr(root, node.target, getattr(src, node.target))
+            new = graph.node_copy(node, lambda n: env[n])
+            env[node] = new
+    graph.eliminate_dead_code()
+    return root, graph
+
+
+def capture(model, *, batch: int = 2, seq: int = 7) -> Captured:
+    """Capture ``model`` into a graph whose get_attr nodes point at the model's own parameters."""
+    start = time.perf_counter()
+    ep = export_model(model, batch=batch, seq=seq)
+    root, graph = _unlift(ep, model)
+    seconds = time.perf_counter() - start
+    log.info("captured %s in %.1fs (%d nodes)", type(model).__name__, seconds, len(graph.nodes))
+    return Captured(root=root, graph=graph, seconds=seconds, example_shape=(batch, seq))
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost HF module path a node came from ('' for the top level)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return "" if path.startswith("_empty") else path
