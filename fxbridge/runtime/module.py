@@ -174,8 +174,9 @@ def truncate_at(gm: fx.GraphModule, hook_name: str) -> fx.GraphModule:
             break
     else:
         raise KeyError(f"{hook_name!r} is not a node of the graph")
-    graph.eliminate_dead_code()
     truncated = fx.GraphModule(gm, graph, class_name="TruncatedGraphModule")
     for name, child in gm.named_children():
         setattr(truncated, name, child)
+    truncated.graph.eliminate_dead_code()
+    truncated.recompile()
     return truncated

@@ -1,0 +1,101 @@
+"""Every hook in HOOKS.md exists for these families, fires exactly once per forward, with the stated shape."""
+import pytest
+import torch
+
+from tiny import tokens
+
+# Golden per-layer hook lists, written from HOOKS.md (not from the code under test).
+LAYER_HOOKS = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k",
+               "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z", "hook_attn_out",
+               "hook_resid_mid", "ln2.hook_scale", "ln2.hook_normalized", "mlp.hook_pre", "mlp.hook_post",
+               "hook_mlp_out", "hook_resid_post"]
+ROTARY = ["attn.hook_rot_q", "attn.hook_rot_k"]
+GATED = ["mlp.hook_pre_linear"]
+FAMILY = {
+    "llama": dict(rotary=True, gated=True, pos=False),
+    "mistral": dict(rotary=True, gated=True, pos=False),
+    "qwen2": dict(rotary=True, gated=True, pos=False),
+    "qwen3": dict(rotary=True, gated=True, pos=False),
+    "gpt2": dict(rotary=False, gated=False, pos=True),
+}
+
+
+def golden(arch: str, n_layers: int) -> set[str]:
+    f = FAMILY[arch]
+    per_layer = LAYER_HOOKS + (ROTARY if f["rotary"] else []) + (GATED if f["gated"] else [])
+    names = {"hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized", "hook_unembed"}
+    if f["pos"]:
+        names.add("hook_pos_embed")
+    return names | {f"blocks.{i}.{h}" for i in range(n_layers) for h in per_layer}
+
+
+def expected_shape(name: str, dims: dict, batch: int, seq: int) -> tuple:
+    B, S, D, H, Hkv, dh = batch, seq, dims["d_model"], dims["n_heads"], dims["n_kv_heads"], dims["d_head"]
+    leaf = name.split(".")[-1]
+    table = {
+        "hook_q": (B, S, H, dh), "hook_rot_q": (B, S, H, dh), "hook_z": (B, S, H, dh),
+        "hook_k": (B, S, Hkv, dh), "hook_v": (B, S, Hkv, dh), "hook_rot_k": (B, S, Hkv, dh),
+        "hook_attn_scores": (B, H, S, S), "hook_pattern": (B, H, S, S),
+        "hook_scale": (B, S, 1), "hook_unembed": (B, S, dims["d_vocab"]),
+    }
+    if leaf in table:
+        return table[leaf]
+    if leaf in ("hook_pre", "hook_pre_linear", "hook_post"):
+        return (B, S, None)  # d_mlp: checked to be the MLP width below
+    return (B, S, D)
+
+
+def test_hook_names_are_golden(trio, arch):
+    _, _, gm = trio
+    assert set(gm.hook_dict) == golden(arch, gm.dims["n_layers"])
+
+
+def test_each_hook_fires_once_with_stated_shape(trio):
+    model, _, gm = trio
+    batch, seq = 2, 6
+    counts = {}
+    shapes = {}
+
+    def record(tensor, hook):
+        counts[hook.name] = counts.get(hook.name, 0) + 1
+        shapes[hook.name] = tuple(tensor.shape)
+
+    gm.run_with_hooks(tokens(batch, seq), fwd_hooks=[(lambda name: True, record)])
+    assert counts == {name: 1 for name in gm.hook_dict}
+    d_mlp = model.config.intermediate_size if hasattr(model.config, "intermediate_size") and \
+        model.config.intermediate_size else 4 * gm.dims["d_model"]
+    for name, shape in shapes.items():
+        want = expected_shape(name, gm.dims, batch, seq)
+        if want[-1] is None:
+            want = (batch, seq, d_mlp)
+        assert shape == want, name
+
+
+def test_run_with_cache_one_entry_per_point_and_only_asked(trio):
+    _, _, gm = trio
+    ids = tokens(1, 5)
+    _, cache = gm.run_with_cache(ids)
+    assert set(cache) == set(gm.hook_dict)
+    _, small = gm.run_with_cache(ids, names_filter=["blocks.0.attn.hook_pattern", "blocks.0.hook_in"])
+    assert set(small) == {"blocks.0.attn.hook_pattern", "blocks.0.hook_resid_pre"}  # alias resolved, one entry
+    # a full cache also hooks the norms (explicit scale/normalized): equal up to float rounding
+    torch.testing.assert_close(small["pattern", 0], cache["blocks.0.attn.hook_pattern"], atol=1e-6, rtol=0)
+    assert torch.equal(cache["resid_post", -1], cache[f"blocks.{gm.dims['n_layers'] - 1}.hook_resid_post"])
+    _, nobatch = gm.run_with_cache(ids, names_filter="hook_embed", remove_batch_dim=True)
+    assert nobatch["hook_embed"].shape == cache["hook_embed"].shape[1:]
+
+
+def test_aliases_reach_the_same_point(trio):
+    _, _, gm = trio
+    assert gm.resolve("blocks.1.attn.q.hook_out") == "blocks.1.attn.hook_q"
+    assert gm.resolve("blocks.1.attn.o.hook_in") == "blocks.1.attn.hook_z"
+    assert gm.resolve("blocks.1.mlp.out.hook_in") == "blocks.1.mlp.hook_post"
+    assert gm.resolve("blocks.1.hook_out") == "blocks.1.hook_resid_post"
+
+
+@pytest.mark.parametrize("name", ["blocks.0.ln1.hook_scale", "blocks.0.attn.hook_pattern", "blocks.1.hook_resid_mid"])
+def test_hook_points_carry_their_names(trio, name):
+    _, _, gm = trio
+    seen = []
+    gm.run_with_hooks(tokens(1, 3), fwd_hooks=[(name, lambda t, hook: seen.append(hook.name))])
+    assert seen == [name]

@@ -1,0 +1,122 @@
+"""Interventions with known answers: edits through hooks equal the same edit made by hand on HF."""
+import torch
+
+from tiny import tokens
+
+TOL = 1e-5
+
+
+def _o_proj(ref, gm, layer):
+    spec = gm.spec
+    name = "c_proj" if spec.qkv == "c_attn" else "o_proj"
+    return ref.get_submodule(spec.layer(layer, f"{spec.attn}.{name}"))
+
+
+def test_zero_head_via_hook_z_equals_manual_hf_edit(trio):
+    _, ref, gm = trio
+    layer, head, dh = 1, 2, gm.dims["d_head"]
+    ids = tokens(2, 7)
+
+    def zero_head(z, hook):
+        z[:, :, head] = 0.0
+
+    def zero_input_columns(module, args):
+        x = args[0].clone()
+        x[..., head * dh:(head + 1) * dh] = 0.0
+        return (x,)
+
+    handle = _o_proj(ref, gm, layer).register_forward_pre_hook(zero_input_columns)
+    try:
+        with torch.no_grad():
+            expected = ref(ids).logits
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        got = gm.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero_head)])
+        clean = gm(ids)
+    assert (got - expected).abs().max().item() < TOL
+    assert (got - clean).abs().max().item() > 1e-4  # the ablation did something
+
+
+def test_replacing_pattern_changes_output_and_is_used(trio):
+    _, _, gm = trio
+    ids = tokens(2, 6)
+    n_rep = gm.dims["n_heads"] // gm.dims["n_kv_heads"]
+
+    def identity_pattern(pattern, hook):
+        return torch.eye(pattern.shape[-1], dtype=pattern.dtype).expand_as(pattern).clone()
+
+    with torch.no_grad():
+        clean = gm(ids)
+        with gm.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", identity_pattern)]):
+            edited, cache = gm.run_with_cache(ids, names_filter=["blocks.0.attn.hook_v", "blocks.0.attn.hook_z"])
+    assert (edited - clean).abs().max().item() > 1e-4
+    # attending only to itself, each head's z is its own position's value vector
+    v = cache["v", 0].repeat_interleave(n_rep, dim=2)
+    assert (cache["z", 0] - v).abs().max().item() < TOL
+
+
+def test_editing_scores_takes_effect(trio):
+    _, _, gm = trio
+    ids = tokens(1, 4)  # within Mistral's sliding window of 4, so token 0 is visible everywhere
+
+    def only_first_token(scores, hook):
+        scores[..., 1:] = torch.finfo(scores.dtype).min
+
+    with torch.no_grad(), gm.hooks(fwd_hooks=[("blocks.1.attn.hook_attn_scores", only_first_token)]):
+        _, cache = gm.run_with_cache(ids, names_filter="blocks.1.attn.hook_pattern")
+    pattern = cache["pattern", 1]
+    assert torch.allclose(pattern[..., 0], torch.ones_like(pattern[..., 0]))
+
+
+def test_in_place_edit_of_norm_scale_propagates(trio):
+    _, _, gm = trio
+    ids = tokens(1, 4)
+    with torch.no_grad():
+        _, clean = gm.run_with_cache(ids, names_filter="blocks.0.ln2.hook_normalized")
+
+        def double(scale, hook):
+            scale.mul_(2.0)
+
+        with gm.hooks(fwd_hooks=[("blocks.0.ln2.hook_scale", double)]):
+            _, edited = gm.run_with_cache(ids, names_filter="blocks.0.ln2.hook_normalized")
+    torch.testing.assert_close(edited["normalized", 0, "ln2"], clean["normalized", 0, "ln2"] / 2)
+
+
+def test_backward_hooks_receive_the_gradient(trio):
+    _, _, gm = trio
+    ids = tokens(2, 5)
+    saved, grads = {}, {}
+    name = "blocks.1.hook_resid_mid"
+
+    def keep(t, hook):
+        saved["act"] = t
+
+    def grad_hook(g, hook):
+        grads[hook.name] = g.clone()
+
+    logits = gm.run_with_hooks(ids, fwd_hooks=[(name, keep)], bwd_hooks=[(name, grad_hook)])
+    loss = logits.float().logsumexp(-1).mean()
+    expected = torch.autograd.grad(loss, saved["act"], retain_graph=True)[0]
+    loss.backward()
+    assert grads[name].shape == saved["act"].shape
+    torch.testing.assert_close(grads[name], expected)
+    gm.zero_grad(set_to_none=True)
+
+
+def test_gqa_kv_head_edit_reaches_only_its_group():
+    from conftest import traced
+    _, _, gm = traced("llama")
+    ids = tokens(1, 6)
+    n_rep = gm.dims["n_heads"] // gm.dims["n_kv_heads"]
+    assert n_rep > 1
+
+    def bump_kv_head_0(k, hook):
+        k[:, :, 0] += 3.0
+
+    with torch.no_grad():
+        _, clean = gm.run_with_cache(ids, names_filter="blocks.0.attn.hook_pattern")
+        with gm.hooks(fwd_hooks=[("blocks.0.attn.hook_k", bump_kv_head_0)]):
+            _, edited = gm.run_with_cache(ids, names_filter="blocks.0.attn.hook_pattern")
+    changed = (edited["pattern", 0] - clean["pattern", 0]).abs().amax(dim=(0, 2, 3)) > 1e-6
+    assert changed.tolist() == [h < n_rep for h in range(gm.dims["n_heads"])]

@@ -1,0 +1,62 @@
+"""Tiny random-weight models built from config classes (no hub), odd sizes to catch shape bugs."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import transformers as tf
+
+VOCAB = 101
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+              head_dim=16, num_hidden_layers=3, max_position_embeddings=128, tie_word_embeddings=False)
+
+CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(**COMMON),
+    "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=4),
+    "qwen2": lambda: tf.Qwen2Config(**COMMON),
+    "qwen3": lambda: tf.Qwen3Config(**COMMON),
+    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128,
+                                  bos_token_id=0, eos_token_id=0),
+}
+
+# What each tiny config must really contain, so a test cannot pass on a config that lost its feature.
+FEATURE_GUARDS = {
+    "llama": lambda m: m.config.num_key_value_heads < m.config.num_attention_heads,
+    "mistral": lambda m: m.config.sliding_window == 4 and m.config.num_key_value_heads < m.config.num_attention_heads,
+    "qwen2": lambda m: m.model.layers[0].self_attn.q_proj.bias is not None,
+    "qwen3": lambda m: hasattr(m.model.layers[0].self_attn, "q_norm"),
+    "gpt2": lambda m: type(m.transformer.h[0].attn.c_attn).__name__ == "Conv1D",
+}
+
+
+def build(arch: str, seed: int = 0, attn_implementation: str | None = None) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = CONFIGS[arch]()
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    # Random-init norms are all ones; perturb every parameter so norm weights and biases matter.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def eager_reference(model: torch.nn.Module) -> torch.nn.Module:
+    """An independent copy of ``model`` running HF's eager attention."""
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    return ref.eval()
+
+
+def tokens(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def left_padded(batch: int, seq: int, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = tokens(batch, seq, seed=2)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    for row, n in enumerate(pads):
+        mask[row, :n] = 0
+        ids[row, :n] = 0
+    return ids, mask
