@@ -73,12 +73,26 @@ class HookedGraphModule(fx.GraphModule):
 
     # ------------------------------------------------------------------------------------------------- hooks
     def _index_hooks(self, aliases: dict[str, str]) -> None:
-        self.hook_dict: dict[str, HookPoint] = {}
-        for name, module in self.named_modules():
-            if isinstance(module, HookPoint) and not name.startswith("hf."):
-                module.name = name
-                self.hook_dict[name] = module
+        points = {name: m for name, m in self.named_modules() if isinstance(m, HookPoint) and not name.startswith("hf.")}
+        # hook_dict lists the points in the order they fire: graph order, a core's points at the core's node
+        children: dict[str, list[str]] = {}
+        for name in points:
+            children.setdefault(name.rpartition(".")[0], []).append(name)
+        ordered: dict[str, HookPoint] = {}
+        for node in self.graph.nodes:
+            if node.op == "call_module":
+                for name in [node.target] if node.target in points else children.get(node.target, ()):
+                    ordered.setdefault(name, points[name])
+        ordered.update({name: hp for name, hp in points.items() if name not in ordered})
+        self.hook_dict: dict[str, HookPoint] = ordered
+        for name, module in ordered.items():
+            module.name = name
         self.aliases = {a: c for a, c in aliases.items() if c in self.hook_dict}
+
+    def hook_table(self):
+        """One row per hook point: name, symbolic shape, dtype, HF module, pass; ``print()`` it for a table."""
+        from .table import hook_table
+        return hook_table(self)
 
     @property
     def mod_dict(self) -> dict[str, torch.nn.Module]:
