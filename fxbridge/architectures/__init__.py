@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from ..errors import UnsupportedArchitecture
-from . import gpt2, llama
+from . import gemma, gpt2, llama
 from .spec import ArchSpec, dims_from_config
 
-_ALL: tuple[ArchSpec, ...] = (*llama.SPECS, *gpt2.SPECS)
+_ALL: tuple[ArchSpec, ...] = (*llama.SPECS, *gpt2.SPECS, *gemma.SPECS)
 REGISTRY: dict[str, ArchSpec] = {t: spec for spec in _ALL for t in spec.model_types}
 
 
@@ -19,7 +19,7 @@ def get_spec(model_or_config) -> ArchSpec:
     model_type = getattr(config, "model_type", None)
     if model_type not in REGISTRY:
         raise UnsupportedArchitecture(str(model_type), REGISTRY)
-    return REGISTRY[model_type]
+    return REGISTRY[model_type].for_config(config)
 
 
 __all__ = ["ArchSpec", "REGISTRY", "dims_from_config", "get_spec", "supported_architectures"]

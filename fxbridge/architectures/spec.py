@@ -6,7 +6,7 @@ things are and which layout facts hold.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class ArchSpec:
     ln1_post: str | None = None  # sandwich norms (Gemma 2/3/4): output is hook_attn_out
     ln2_post: str | None = None  # ... and hook_mlp_out
     attn: str = "self_attn"
+    o_proj: str = "o_proj"  # attention output projection (hook_result splits it per head)
     q: str | None = "q_proj"
     k: str | None = "k_proj"
     v: str | None = "v_proj"
@@ -51,6 +52,12 @@ class ArchSpec:
     @property
     def model_type(self) -> str:
         return self.model_types[0]
+
+    def for_config(self, config) -> "ArchSpec":
+        """This spec with the optional features ``config`` switches off removed (a final softcap set to None)."""
+        if self.final_softcap_config and getattr(config, self.final_softcap_config, None) is None:
+            return replace(self, final_softcap_config=None)
+        return self
 
 
 def dims_from_config(config) -> dict[str, int]:

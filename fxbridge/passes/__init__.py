@@ -1,7 +1,9 @@
 """Graph -> graph rewrites, one pass a file. ``PASSES`` maps the names an ArchSpec lists to the passes."""
 from .base import GraphPass, PassContext, PassResult, run_passes
 from .hook_attention import hook_attention
+from .hook_attn_result import hook_attn_result
 from .hook_embeddings import hook_embeddings
+from .hook_final_softcap import hook_final_softcap
 from .hook_mlp import hook_mlp
 from .hook_norms import hook_norms
 from .hook_qkv import hook_qkv
@@ -10,6 +12,8 @@ from .hook_unembed import hook_unembed
 
 PASSES: dict[str, GraphPass] = {p.name: p for p in (
     hook_embeddings, hook_attention, hook_qkv, hook_mlp, hook_norms, hook_residual, hook_unembed,
+    hook_final_softcap,
+    hook_attn_result,
 )}
 
 __all__ = ["PASSES", "GraphPass", "PassContext", "PassResult", "run_passes"]
