@@ -5,6 +5,8 @@ by generated node names or positions (STYLE.md).
 """
 from __future__ import annotations
 
+import bisect
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -25,10 +27,54 @@ def in_module(node: fx.Node, path: str) -> bool:
     return path in stack_paths(node)
 
 
+class _ModuleIndex:
+    """path -> the call_function/call_module nodes computed inside it, in graph order, kept up to date cheaply.
+
+    Built with one scan of the graph; afterwards a lookup only picks up nodes created since (found by the
+    count of names fx has handed out, which never shrinks) and drops erased ones, so the per-layer lookups
+    of the passes cost O(new nodes) instead of O(graph) each: tracing stays about flat in depth.
+    """
+
+    def __init__(self):
+        self.known: set[fx.Node] = set()
+        self.by_path: dict[str, list[fx.Node]] = {}
+        self.n_names = -1
+
+    def refresh(self, graph: fx.Graph) -> None:
+        n_names = len(graph._graph_namespace._used_names)
+        if n_names == self.n_names:
+            return
+        fresh = self.n_names >= 0
+        for n in graph.nodes:
+            if n in self.known:
+                continue
+            self.known.add(n)
+            if n.op == "call_function" or n.op == "call_module":
+                for path in stack_paths(n):
+                    nodes = self.by_path.setdefault(path, [])
+                    if fresh and nodes and n < nodes[-1]:
+                        bisect.insort(nodes, n)  # fx nodes order by position in the graph
+                    else:
+                        nodes.append(n)
+        self.n_names = n_names
+
+    def nodes(self, graph: fx.Graph, path: str) -> list[fx.Node]:
+        self.refresh(graph)
+        nodes = self.by_path.get(path, [])
+        if any(n._erased for n in nodes):
+            nodes[:] = [n for n in nodes if not n._erased]
+        return list(nodes)
+
+
+_INDEXES: "weakref.WeakKeyDictionary[fx.Graph, _ModuleIndex]" = weakref.WeakKeyDictionary()
+
+
 def module_nodes(graph: fx.Graph, path: str) -> list[fx.Node]:
     """The nodes HF module ``path`` computed, in graph order."""
-    return [n for n in graph.nodes if n.op == "call_function" and in_module(n, path) or
-            n.op == "call_module" and in_module(n, path)]
+    index = _INDEXES.get(graph)
+    if index is None:
+        index = _INDEXES[graph] = _ModuleIndex()
+    return index.nodes(graph, path)
 
 
 def module_output(graph: fx.Graph, path: str) -> fx.Node | None:
