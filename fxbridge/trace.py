@@ -38,11 +38,13 @@ def _progress_printer(enabled: bool):
     return say
 
 
-def trace(model: torch.nn.Module, *, progress: bool = False) -> HookedGraphModule:
+def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bool = False) -> HookedGraphModule:
     """Capture ``model`` (a transformers-v5 ``*ForCausalLM``) into a hookable GraphModule sharing its weights.
 
     The model is put in eval mode (the capture is of inference; dropout is off) and is otherwise unchanged.
     ``progress=True`` prints what is happening to stderr (capture takes seconds to tens of seconds).
+    ``use_attn_result=True`` adds ``blocks.{i}.attn.hook_result`` [B,S,H,D] (each head's output before the sum; it
+    costs B*S*H*D memory and a slower output projection, as TransformerLens's ``use_attn_result``).
     """
     spec = get_spec(model)
     dims = dims_from_config(model.config)
@@ -55,7 +57,8 @@ def trace(model: torch.nn.Module, *, progress: bool = False) -> HookedGraphModul
     if say:
         say(f"captured {len(captured.graph.nodes)} nodes in {captured.seconds:.1f}s; rewriting")
     ctx = PassContext(captured.graph, captured.root, spec, dims, model.config)
-    results = run_passes(ctx, [PASSES[name] for name in spec.passes], progress=say)
+    names = spec.passes + (("hook_attn_result",) if use_attn_result else ())
+    results = run_passes(ctx, [PASSES[name] for name in names], progress=say)
     report = TraceReport(spec.model_type, captured.seconds, results)
     gm = HookedGraphModule(captured.root, captured.graph, spec=spec, dims=dims, aliases=ctx.aliases, report=report)
     report.total_seconds = time.perf_counter() - start

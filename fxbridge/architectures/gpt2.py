@@ -11,6 +11,7 @@ GPT2 = ArchSpec(
     ln1="ln_1",
     ln2="ln_2",
     attn="attn",
+    o_proj="c_proj",
     q=None, k=None, v=None,
     qkv="c_attn",
     qkv_layout="contiguous",

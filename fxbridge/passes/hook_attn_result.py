@@ -1,0 +1,67 @@
+"""Split the attention output projection per head so ``blocks.{i}.attn.hook_result`` [B,S,H,D] sees each head's
+contribution ``z_h @ W_O[h]`` (without the bias), as TransformerLens's ``use_attn_result``.
+
+    y = linear(flatten(z), W_O, b_O)       ->   r = per_head(flatten(z), W_O)      # [B,S,H,D], W_O viewed, not copied
+                                                y = sum_heads(hook_result(r), b_O)
+Only run when ``trace(..., use_attn_result=True)``: it costs B*S*H*D memory and a slower projection, exactly as in
+TransformerLens. The per-head sum reorders the projection's additions (fp32 differences ~1e-7, not bit-identical).
+"""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from .base import PassContext, graph_pass
+from .graph_utils import hook_after, module_inputs, module_nodes, module_output, scoped_meta, single
+
+# Weight layouts of the output projection, as einops patterns to [heads, d_head, d_model].
+_LINEAR = "d (h k) -> h k d"  # nn.Linear: weight [D, H*dh]
+_CONV1D = "(h k) d -> h k d"  # transformers Conv1D (GPT-2 family): weight [H*dh, D]
+
+
+def per_head_result(x: torch.Tensor, weight: torch.Tensor, n_heads: int, layout: str) -> torch.Tensor:
+    """[.., H*dh] x W_O -> [.., H, D]: each head's output z_h @ W_O[h]."""
+    w = rearrange(weight, layout, h=n_heads)
+    return torch.einsum("...hk,hkd->...hd", x.unflatten(-1, (n_heads, w.shape[1])), w)
+
+
+def sum_heads(result: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = result.sum(dim=-2)
+    return out if bias is None else out + bias
+
+
+def _erase_module(graph, nodes) -> None:
+    for node in reversed(nodes):
+        if not node.users:
+            graph.erase_node(node)
+
+
+@graph_pass(expects=lambda spec, dims: dims["n_layers"])
+def hook_attn_result(ctx: PassContext) -> int:
+    """Compute the attention output projection per head and hook the per-head results."""
+    spec, graph = ctx.spec, ctx.graph
+    found = 0
+    for layer in range(ctx.dims["n_layers"]):
+        path = spec.layer(layer, f"{spec.attn}.{spec.o_proj}")
+        module = ctx.root.get_submodule(f"hf.{path}")
+        layout = _CONV1D if type(module).__name__ == "Conv1D" else _LINEAR
+        nodes = module_nodes(graph, path)
+        x = single(module_inputs(graph, path), f"input of {path}")
+        out = module_output(graph, path)
+        if out is None:
+            continue
+        meta = scoped_meta(out, spec.layer(layer, spec.attn))
+        with graph.inserting_before(out):
+            weight = graph.get_attr(f"hf.{path}.weight")
+            bias = graph.get_attr(f"hf.{path}.bias") if getattr(module, "bias", None) is not None else None
+            result = graph.call_function(per_head_result, (x, weight, ctx.dims["n_heads"], layout))
+            summed = graph.call_function(sum_heads, (result, bias))
+        for node in (weight, result, summed, *([bias] if bias is not None else [])):
+            node.meta.update(meta)
+            node.meta["fxbridge_pass"] = "hook_attn_result"
+        out.replace_all_uses_with(summed)
+        _erase_module(graph, nodes)
+        hook_after(graph, ctx.root, result, f"blocks.{layer}.attn.hook_result", shape=("B", "S", "H", "D"),
+                   made_by="hook_attn_result", scope=spec.layer(layer, spec.attn), hf_module=path)
+        found += 1
+    return found
