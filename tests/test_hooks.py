@@ -11,21 +11,30 @@ LAYER_HOOKS = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.
                "hook_mlp_out", "hook_resid_post"]
 ROTARY = ["attn.hook_rot_q", "attn.hook_rot_k"]
 GATED = ["mlp.hook_pre_linear"]
+SANDWICH = ["ln1_post.hook_scale", "ln1_post.hook_normalized", "ln2_post.hook_scale", "ln2_post.hook_normalized"]
+ATTN_SOFTCAP = ["attn.hook_attn_scores_pre_cap"]
 FAMILY = {
     "llama": dict(rotary=True, gated=True, pos=False),
     "mistral": dict(rotary=True, gated=True, pos=False),
     "qwen2": dict(rotary=True, gated=True, pos=False),
     "qwen3": dict(rotary=True, gated=True, pos=False),
     "gpt2": dict(rotary=False, gated=False, pos=True),
+    "gemma": dict(rotary=True, gated=True, pos=False),
+    "gemma2": dict(rotary=True, gated=True, pos=False, sandwich=True, attn_softcap=True, final_softcap=True),
+    # HF's Gemma 3 never passes attn_logit_softcapping to its attention function: no attention softcap
+    "gemma3_text": dict(rotary=True, gated=True, pos=False, sandwich=True, final_softcap=True),
 }
 
 
 def golden(arch: str, n_layers: int) -> set[str]:
     f = FAMILY[arch]
     per_layer = LAYER_HOOKS + (ROTARY if f["rotary"] else []) + (GATED if f["gated"] else [])
+    per_layer += (SANDWICH if f.get("sandwich") else []) + (ATTN_SOFTCAP if f.get("attn_softcap") else [])
     names = {"hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized", "hook_unembed"}
     if f["pos"]:
         names.add("hook_pos_embed")
+    if f.get("final_softcap"):
+        names.add("hook_logits")
     return names | {f"blocks.{i}.{h}" for i in range(n_layers) for h in per_layer}
 
 
@@ -37,6 +46,7 @@ def expected_shape(name: str, dims: dict, batch: int, seq: int) -> tuple:
         "hook_k": (B, S, Hkv, dh), "hook_v": (B, S, Hkv, dh), "hook_rot_k": (B, S, Hkv, dh),
         "hook_attn_scores": (B, H, S, S), "hook_pattern": (B, H, S, S),
         "hook_scale": (B, S, 1), "hook_unembed": (B, S, dims["d_vocab"]),
+        "hook_attn_scores_pre_cap": (B, H, S, S), "hook_logits": (B, S, dims["d_vocab"]),
     }
     if leaf in table:
         return table[leaf]

@@ -9,6 +9,10 @@ import transformers as tf
 VOCAB = 101
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
               head_dim=16, num_hidden_layers=3, max_position_embeddings=128, tie_word_embeddings=False)
+# Gemma 2/3: sliding and global layers, a query_pre_attn_scalar unlike head_dim, and weights large enough
+# (initializer_range 0.2) that the softcaps 5.0 (scores) and 3.0 (logits) really bend the values.
+GEMMA_SANDWICH = dict(COMMON, sliding_window=4, query_pre_attn_scalar=20, initializer_range=0.2,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**COMMON),
@@ -17,6 +21,11 @@ CONFIGS = {
     "qwen3": lambda: tf.Qwen3Config(**COMMON),
     "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128,
                                   bos_token_id=0, eos_token_id=0),
+    "gemma": lambda: tf.GemmaConfig(**dict(COMMON, num_key_value_heads=1, head_dim=24)),  # MQA, H*dh != D
+    "gemma2": lambda: tf.Gemma2Config(**GEMMA_SANDWICH, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "gemma3_text": lambda: tf.Gemma3TextConfig(**GEMMA_SANDWICH, final_logit_softcapping=3.0, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000.0}}),
 }
 
 # What each tiny config must really contain, so a test cannot pass on a config that lost its feature.
@@ -26,6 +35,17 @@ FEATURE_GUARDS = {
     "qwen2": lambda m: m.model.layers[0].self_attn.q_proj.bias is not None,
     "qwen3": lambda m: hasattr(m.model.layers[0].self_attn, "q_norm"),
     "gpt2": lambda m: type(m.transformer.h[0].attn.c_attn).__name__ == "Conv1D",
+    "gemma": lambda m: m.config.num_key_value_heads == 1 and m.config.head_dim * m.config.num_attention_heads
+    != m.config.hidden_size and float(m.model.embed_tokens.embed_scale) == m.config.hidden_size ** 0.5,
+    "gemma2": lambda m: hasattr(m.model.layers[0], "post_feedforward_layernorm")
+    and m.config.attn_logit_softcapping == 5.0 and m.config.final_logit_softcapping == 3.0
+    and {"sliding_attention", "full_attention"} <= set(m.config.layer_types) and m.config.sliding_window == 4
+    and m.config.query_pre_attn_scalar != m.config.head_dim,
+    "gemma3_text": lambda m: hasattr(m.model.layers[0].self_attn, "q_norm")
+    and hasattr(m.model.layers[0], "post_feedforward_layernorm") and m.config.final_logit_softcapping == 3.0
+    and {"sliding_attention", "full_attention"} <= set(m.config.layer_types)
+    and m.config.rope_parameters["sliding_attention"]["rope_theta"]
+    != m.config.rope_parameters["full_attention"]["rope_theta"],
 }
 
 
