@@ -3,15 +3,18 @@
     import fxbridge as bridge
     gm = bridge.trace(model)
     logits, cache = gm.run_with_cache(tokens)
+    bridge.export(gm, "layer3.svg", layer=3)      # also .dot / .json / .graphml; bridge.to_networkx(gm)
 """
 from .architectures import supported_architectures
-from .errors import (CaptureError, FxBridgeError, HookShapeError, NotTracedError, PatternNotFound,
-                     UnsupportedArchitecture)
+from .errors import (CaptureError, FxBridgeError, HookShapeError, MissingDependency, ModelLoadError, NotTracedError,
+                     PatternNotFound, UnsupportedArchitecture, VerificationError)
+from .export import export, to_networkx
 from .runtime import ActivationCache, HookedGraphModule, HookPoint, get_act_name
 from .trace import TraceReport, trace
 
 __version__ = "0.1.0"
 
 __all__ = ["ActivationCache", "CaptureError", "FxBridgeError", "HookPoint", "HookShapeError", "HookedGraphModule",
-           "NotTracedError", "PatternNotFound", "TraceReport", "UnsupportedArchitecture", "get_act_name",
-           "supported_architectures", "trace"]
+           "MissingDependency", "ModelLoadError", "NotTracedError", "PatternNotFound", "TraceReport",
+           "UnsupportedArchitecture", "VerificationError", "export", "get_act_name", "supported_architectures",
+           "to_networkx", "trace"]

@@ -54,6 +54,28 @@ class NotTracedError(FxBridgeError, TypeError):
     """An fxbridge function was given something that ``fxbridge.trace`` did not produce."""
 
 
+class MissingDependency(FxBridgeError, RuntimeError):
+    """An optional tool or package (Graphviz for SVG/PNG export) is missing; the message says how to install it."""
+
+
+class ModelLoadError(FxBridgeError, OSError):
+    """A model source (hub id, checkpoint directory, config.json) could not be loaded; names it and why."""
+
+
+class VerificationError(FxBridgeError, AssertionError):
+    """``trace(..., verify=True)``: the traced module disagrees with HF; names the first diverging point."""
+
+    def __init__(self, where: str, max_diff: float, tolerance: float, details: list[str] | None = None):
+        self.where, self.max_diff, self.tolerance = where, max_diff, tolerance
+        self.details = list(details or [])
+        msg = (f"traced module diverges from the HF model first at {where}: max |traced - HF| = {max_diff:.3e} "
+               f"> tolerance {tolerance:.1e}")
+        if self.details:
+            msg += " (" + "; ".join(self.details) + ")"
+        msg += ". Hooks attached with is_permanent=True change the output; otherwise please report it."
+        super().__init__(msg)
+
+
 def unknown_hook_error(name: str, known: Iterable[str]) -> KeyError:
     """A KeyError naming the closest known hook names."""
     known = list(known)
