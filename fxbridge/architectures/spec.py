@@ -6,6 +6,7 @@ things are and which layout facts hold.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 
@@ -40,6 +41,12 @@ class ArchSpec:
     rotary: bool = True
     parallel: bool = False  # attention and MLP both read resid_pre (no hook_resid_mid)
     final_softcap_config: str | None = None  # config attribute holding the final-logit softcap
+    # layouts that config flags choose (Falcon, GPTBigCode): config -> {field: value} applied by for_config
+    configure: Callable[[object], dict] | None = None
+    n_kv_heads_of: Callable[[object], int] | None = None  # KV heads when the config has no num_key_value_heads
+    drop_pre_scale_bias: bool = False  # capture_eager_attention: HF's configured branch adds only the mask
+    eval_dropouts_per_layer: int = 0  # remove_eval_dropout: functional dropout calls per decoder layer
+    inplace_adds_per_layer: int = 0  # make_adds_out_of_place: in-place residual adds per decoder layer
     notes: str = ""
     passes: tuple[str, ...] = field(default=(
         "hook_embeddings", "hook_attention", "hook_qkv", "hook_mlp", "hook_norms", "hook_residual", "hook_unembed",
@@ -55,6 +62,8 @@ class ArchSpec:
 
     def for_config(self, config) -> "ArchSpec":
         """This spec with the optional features ``config`` switches off removed (a final softcap set to None)."""
+        if self.configure is not None:  # apply the config-chosen layout facts first, then the rest below
+            return replace(self, configure=None, **self.configure(config)).for_config(config)
         if self.final_softcap_config and getattr(config, self.final_softcap_config, None) is None:
             return replace(self, final_softcap_config=None)
         return self
@@ -66,7 +75,7 @@ def dims_from_config(config) -> dict[str, int]:
     d_model = int(config.hidden_size)
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     d_head = getattr(config, "head_dim", None) or d_model // n_heads
-    return {
+    dims = {
         "n_layers": int(config.num_hidden_layers),
         "d_model": d_model,
         "n_heads": n_heads,
@@ -74,3 +83,14 @@ def dims_from_config(config) -> dict[str, int]:
         "d_head": int(d_head),
         "d_vocab": int(config.vocab_size),
     }
+    dims.update(_spec_dims(config))
+    return dims
+
+
+def _spec_dims(config) -> dict[str, int]:
+    """Sizes a spec reads from its config itself (Falcon counts KV heads from multi_query / num_kv_heads)."""
+    from . import REGISTRY  # late import: the registry imports this module
+    spec = REGISTRY.get(getattr(config, "model_type", None))
+    if spec is None or spec.n_kv_heads_of is None:
+        return {}
+    return {"n_kv_heads": int(spec.n_kv_heads_of(config))}

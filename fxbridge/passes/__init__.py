@@ -1,5 +1,6 @@
 """Graph -> graph rewrites, one pass a file. ``PASSES`` maps the names an ArchSpec lists to the passes."""
 from .base import GraphPass, PassContext, PassResult, run_passes
+from .capture_eager_attention import capture_eager_attention
 from .hook_attention import hook_attention
 from .hook_attn_result import hook_attn_result
 from .hook_embeddings import hook_embeddings
@@ -9,11 +10,15 @@ from .hook_norms import hook_norms
 from .hook_qkv import hook_qkv
 from .hook_residual import hook_residual
 from .hook_unembed import hook_unembed
+from .make_adds_out_of_place import make_adds_out_of_place
+from .remove_eval_dropout import remove_eval_dropout
+from .split_fused_qkv import split_fused_qkv
 
 PASSES: dict[str, GraphPass] = {p.name: p for p in (
     hook_embeddings, hook_attention, hook_qkv, hook_mlp, hook_norms, hook_residual, hook_unembed,
     hook_final_softcap,
     hook_attn_result,
+    split_fused_qkv, capture_eager_attention, remove_eval_dropout, make_adds_out_of_place,
 )}
 
 __all__ = ["PASSES", "GraphPass", "PassContext", "PassResult", "run_passes"]
