@@ -62,9 +62,14 @@ def match_softcap(x: fx.Node) -> tuple[fx.Node, float] | None:
 
 def _logits_source(graph: fx.Graph) -> fx.Node:
     """The ``hook_unembed`` node, seen through value-preserving casts that follow it."""
-    node = next(n for n in graph.nodes if n.op == "call_module" and n.target == "hook_unembed")
-    while len(node.users) == 1 and next(iter(node.users)).target in _PASS_THROUGH:
-        node = next(iter(node.users))
+    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == "hook_unembed"), None)
+    if node is None:
+        raise LookupError("no hook_unembed node: run the hook_unembed pass before hook_final_softcap")
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.target not in _PASS_THROUGH or user.args[0] is not node:
+            break
+        node = user
     return node
 
 
