@@ -13,6 +13,12 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attent
 # (initializer_range 0.2) that the softcaps 5.0 (scores) and 3.0 (logits) really bend the values.
 GEMMA_SANDWICH = dict(COMMON, sliding_window=4, query_pre_attn_scalar=20, initializer_range=0.2,
                       layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+# GPTBigCode and Falcon: 2 layers; every fused-QKV layout (MQA contiguous, per head, per group), RoPE and ALiBi,
+# parallel and sequential blocks. falcon_40b: 8 heads in 2 KV groups, where TransformerLens gets the logits wrong.
+BIGCODE = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+FALCON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+              max_position_embeddings=128, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+FALCON_OLD = dict(FALCON, new_decoder_architecture=False, alibi=False, bias=False)
 
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**COMMON),
@@ -26,6 +32,15 @@ CONFIGS = {
     "gemma3_text": lambda: tf.Gemma3TextConfig(**GEMMA_SANDWICH, final_logit_softcapping=3.0, rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
         "full_attention": {"rope_type": "default", "rope_theta": 1000.0}}),
+    "gpt_bigcode": lambda: tf.GPTBigCodeConfig(**BIGCODE, multi_query=True),
+    "gpt_bigcode_mha": lambda: tf.GPTBigCodeConfig(**BIGCODE, multi_query=False),
+    "falcon_7b": lambda: tf.FalconConfig(**dict(FALCON_OLD, multi_query=True, parallel_attn=True)),
+    "falcon_mha": lambda: tf.FalconConfig(**dict(FALCON_OLD, multi_query=False, parallel_attn=False)),
+    "falcon_rw": lambda: tf.FalconConfig(**dict(FALCON_OLD, multi_query=False, parallel_attn=False, alibi=True,
+                                                bias=True)),
+    "falcon_new_mqa": lambda: tf.FalconConfig(**FALCON, new_decoder_architecture=True, num_kv_heads=1),
+    "falcon_40b": lambda: tf.FalconConfig(**dict(FALCON, num_attention_heads=8), new_decoder_architecture=True,
+                                          num_kv_heads=2),
 }
 
 # What each tiny config must really contain, so a test cannot pass on a config that lost its feature.
@@ -46,6 +61,19 @@ FEATURE_GUARDS = {
     and {"sliding_attention", "full_attention"} <= set(m.config.layer_types)
     and m.config.rope_parameters["sliding_attention"]["rope_theta"]
     != m.config.rope_parameters["full_attention"]["rope_theta"],
+    "gpt_bigcode": lambda m: m.config.multi_query and m.transformer.h[0].attn.c_attn.out_features == 64 + 2 * 16,
+    "gpt_bigcode_mha": lambda m: not m.config.multi_query and m.transformer.h[0].attn.c_attn.out_features == 3 * 64,
+    "falcon_7b": lambda m: m.config.multi_query and m.config.parallel_attn and not m.config.alibi
+    and not m.config.new_decoder_architecture and m.transformer.h[0].self_attention.query_key_value.out_features == 96,
+    "falcon_mha": lambda m: not (m.config.multi_query or m.config.parallel_attn or m.config.alibi
+                                 or m.config.new_decoder_architecture),
+    "falcon_rw": lambda m: m.config.alibi and not m.config.parallel_attn and not m.config.multi_query
+    and m.transformer.h[0].self_attention.query_key_value.bias is not None
+    and hasattr(m.transformer.h[0], "post_attention_layernorm"),
+    "falcon_new_mqa": lambda m: m.config.new_decoder_architecture and m.config.num_kv_heads == 1
+    and hasattr(m.transformer.h[0], "ln_mlp"),
+    "falcon_40b": lambda m: m.config.new_decoder_architecture and m.config.num_attention_heads == 8
+    and m.config.num_kv_heads == 2 and not m.config.alibi and hasattr(m.transformer.h[0], "ln_mlp"),
 }
 
 
