@@ -11,19 +11,11 @@ from pathlib import Path
 
 import torch
 
+from .loading import build_from_config  # noqa: F401  (moved to loading.py; kept importable here)
+
 
 def default_config_path() -> Path:
     return Path(str(resources.files("fxbridge") / "configs" / "demo_llama.json"))
-
-
-def build_from_config(path: str | Path, seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32):
-    """A random-weight ``*ForCausalLM`` from a config.json (no download)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(path))
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.to(device).eval()
 
 
 def run_demo(config_path: str | None = None, layer: int = 1, head: int = 3) -> None:

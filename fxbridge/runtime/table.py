@@ -46,7 +46,7 @@ class HookTable(list):
         headers, rows = self._cells()
         widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*headers), fmt.format(*("-" * w for w in widths))]
+        lines = [fmt.format(*headers).rstrip(), fmt.format(*("-" * w for w in widths)).rstrip()]
         lines += [fmt.format(*row).rstrip() for row in rows]
         return "\n".join(lines)
 
