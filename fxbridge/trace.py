@@ -38,13 +38,16 @@ def _progress_printer(enabled: bool):
     return say
 
 
-def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bool = False) -> HookedGraphModule:
+def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bool = False,
+          verify: bool = False) -> HookedGraphModule:
     """Capture ``model`` (a transformers-v5 ``*ForCausalLM``) into a hookable GraphModule sharing its weights.
 
     The model is put in eval mode (the capture is of inference; dropout is off) and is otherwise unchanged.
     ``progress=True`` prints what is happening to stderr (capture takes seconds to tens of seconds).
     ``use_attn_result=True`` adds ``blocks.{i}.attn.hook_result`` [B,S,H,D] (each head's output before the sum; it
     costs B*S*H*D memory and a slower output projection, as TransformerLens's ``use_attn_result``).
+    ``verify=True`` runs random tokens through both and raises ``VerificationError`` naming the first layer whose
+    ``hook_resid_post`` differs from the HF decoder layer's output (see ``fxbridge.verify``).
     """
     spec = get_spec(model)
     dims = dims_from_config(model.config)
@@ -64,4 +67,9 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
     report.total_seconds = time.perf_counter() - start
     if say:
         say(f"done: {len(gm.hook_dict)} hook points")
+    if verify:
+        from .verify import verify as verify_against_hf
+        verify_against_hf(gm, model)
+        if say:
+            say("verified against the HF model: every layer's output and the logits agree")
     return gm
