@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from ..errors import UnsupportedArchitecture
-from . import gemma, gpt2, llama, bigcode, falcon
+from . import gemma, gemma4, gpt2, llama, bigcode, falcon
 from .spec import ArchSpec, dims_from_config
 
-_ALL: tuple[ArchSpec, ...] = (*llama.SPECS, *gpt2.SPECS, *gemma.SPECS, *bigcode.SPECS, *falcon.SPECS)
+_ALL: tuple[ArchSpec, ...] = (*llama.SPECS, *gpt2.SPECS, *gemma.SPECS, *gemma4.SPECS, *bigcode.SPECS, *falcon.SPECS)
 REGISTRY: dict[str, ArchSpec] = {t: spec for spec in _ALL for t in spec.model_types}
 
 

@@ -73,8 +73,8 @@ def dims_from_config(config) -> dict[str, int]:
     """n_layers, d_model, n_heads, n_kv_heads, d_head, d_vocab from an HF config (standard v5 attribute names)."""
     n_heads = int(config.num_attention_heads)
     d_model = int(config.hidden_size)
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    d_head = getattr(config, "head_dim", None) or d_model // n_heads
+    n_kv = _layer0_attr(config, "num_key_value_heads") or n_heads
+    d_head = _layer0_attr(config, "head_dim") or d_model // n_heads
     dims = {
         "n_layers": int(config.num_hidden_layers),
         "d_model": d_model,
@@ -83,8 +83,34 @@ def dims_from_config(config) -> dict[str, int]:
         "d_head": int(d_head),
         "d_vocab": int(config.vocab_size),
     }
+    dims.update(_optional_dims(config))
     dims.update(_spec_dims(config))
     return dims
+
+
+def _layer0_attr(config, name: str):
+    """``config.<name>``; where HF marks it per-layer (heterogeneous configs, Gemma 4), layer 0's value."""
+    try:
+        return getattr(config, name, None)
+    except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
+        return getattr(config.per_layer_config[0], name, None)
+
+
+def _optional_dims(config) -> dict[str, int]:
+    """Sizes only some families have (Gemma 4), present only when the config sets them (passes' match counts).
+
+    n_kv_shared_layers: last layers reusing earlier layers' k/v; d_per_layer_input: per-layer embedding width;
+    n_experts / top_k: mixture-of-experts block (when the config enables it).
+    """
+    extra = {}
+    if getattr(config, "num_kv_shared_layers", None):
+        extra["n_kv_shared_layers"] = int(config.num_kv_shared_layers)
+    if getattr(config, "hidden_size_per_layer_input", None):
+        extra["d_per_layer_input"] = int(config.hidden_size_per_layer_input)
+    if getattr(config, "enable_moe_block", False) and getattr(config, "num_experts", None):
+        extra["n_experts"] = int(config.num_experts)
+        extra["top_k"] = int(config.top_k_experts)
+    return extra
 
 
 def _spec_dims(config) -> dict[str, int]:

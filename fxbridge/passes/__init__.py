@@ -1,4 +1,5 @@
 """Graph -> graph rewrites, one pass a file. ``PASSES`` maps the names an ArchSpec lists to the passes."""
+from .alias_shared_kv import alias_shared_kv
 from .base import GraphPass, PassContext, PassResult, run_passes
 from .capture_eager_attention import capture_eager_attention
 from .hook_attention import hook_attention
@@ -6,18 +7,23 @@ from .hook_attn_result import hook_attn_result
 from .hook_embeddings import hook_embeddings
 from .hook_final_softcap import hook_final_softcap
 from .hook_mlp import hook_mlp
+from .hook_moe import hook_moe
 from .hook_norms import hook_norms
+from .hook_per_layer_embeddings import hook_per_layer_embeddings
 from .hook_qkv import hook_qkv
 from .hook_residual import hook_residual
+from .hook_shared_qkv import hook_shared_qkv
 from .hook_unembed import hook_unembed
 from .make_adds_out_of_place import make_adds_out_of_place
 from .remove_eval_dropout import remove_eval_dropout
+from .route_shared_kv import route_shared_kv
 from .split_fused_qkv import split_fused_qkv
 
 PASSES: dict[str, GraphPass] = {p.name: p for p in (
     hook_embeddings, hook_attention, hook_qkv, hook_mlp, hook_norms, hook_residual, hook_unembed,
     hook_final_softcap,
     hook_attn_result,
+    alias_shared_kv, route_shared_kv, hook_shared_qkv, hook_per_layer_embeddings, hook_moe,
     split_fused_qkv, capture_eager_attention, remove_eval_dropout, make_adds_out_of_place,
 )}
 

@@ -17,6 +17,11 @@ _LAYER_NORMS = {aten.layer_norm.default}
 _MULS = {aten.mul.Tensor}
 
 
+def _is_inv_sqrt(node) -> bool:
+    """``rsqrt(v)``, or ``pow(v, -0.5)`` as Gemma 4 writes it (ATen computes both as rsqrt: bit-identical)."""
+    return node.target == aten.rsqrt.default or (node.target == aten.pow.Tensor_Scalar and node.args[1] == -0.5)
+
+
 def norm_sites(spec, dims) -> list[tuple[str, str]]:
     """(hook prefix, HF module path) of every norm the spec names."""
     sites = []
@@ -47,7 +52,7 @@ def _replace(graph, old, target, args, meta):
 
 
 def _rewrite_rms(ctx, prefix, nodes) -> bool:
-    for r in (n for n in nodes if n.target == aten.rsqrt.default):
+    for r in (n for n in nodes if _is_inv_sqrt(n)):
         users = list(r.users)
         if len(users) != 1 or users[0].target not in _MULS:
             continue

@@ -1,0 +1,80 @@
+"""Hook Gemma 4's mixture-of-experts block: router logits, routing, per-slot expert outputs, block output.
+
+HF runs the MoE next to the dense MLP on the flattened residual x [B*S,D] (N = B*S tokens, E experts, top K):
+    l = router.proj(..x..) ; p = softmax(l) ; w, idx = topk(p, K) ; w = w / sum(w) * per_expert_scale[idx]
+    o = experts(norm(x), idx, w) -> [N,K,D] per-slot weighted outputs -> sum over K -> post_feedforward_layernorm_2
+->  l = moe.hook_router_logits(l) ; p = moe.hook_expert_weights(p) ; idx = moe.hook_expert_indices(idx)
+    w = moe.hook_routing_weights(w) ; slots = moe.hook_expert_out(slots) ; y = hook_moe_out(norm(...))
+Token-major tensors are seen as [B,S,...] (views: in-place edits propagate). The per-slot outputs are found
+in HF's batched / grouped experts implementations (``view(N, K, D).sum(1)``), the ones torch.export captures.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import PassContext, graph_pass
+from .graph_utils import hook_after, hook_viewed, in_module, module_inputs, module_nodes, module_output, single
+
+aten = torch.ops.aten
+_SOFTMAX = {aten.softmax.int, aten._softmax.default}
+_TOPK = {aten.topk.default}
+_SUMS = {aten.sum.dim_IntList}
+PER_LAYER = 6
+
+
+def _rank(node) -> int:
+    val = node.meta.get("val")
+    return val.dim() if isinstance(val, torch.Tensor) else -1
+
+
+def _getitem(node, index: int):
+    return single([u for u in node.users if u.target.__name__ == "getitem" and u.args[1] == index],
+                  f"item {index} of {node.name}")
+
+
+def _batch_seq(graph, router_path: str, layer: str):
+    """Symbolic B and S, read from the [B,S,D] residual that HF flattens into the router's input."""
+    flat = single(module_inputs(graph, router_path), f"input of {router_path}")
+    resid = flat.args[0]
+    if _rank(resid) != 3:
+        raise LookupError(f"the input of {router_path} is not a flattened [B,S,D] residual")
+    with graph.inserting_before(flat):
+        b = graph.call_function(aten.sym_size.int, (resid, 0))
+        s = graph.call_function(aten.sym_size.int, (resid, 1))
+    for n in (b, s):
+        n.meta["nn_module_stack"] = {k: v for k, v in flat.meta.get("nn_module_stack", {}).items()}
+    return b, s
+
+
+@graph_pass(expects=lambda spec, dims: PER_LAYER * dims["n_layers"] if dims.get("n_experts") else 0)
+def hook_moe(ctx: PassContext) -> int:
+    """Hook router logits, expert probabilities, chosen experts, routing weights, slot outputs, MoE output."""
+    spec, graph, root = ctx.spec, ctx.graph, ctx.root
+    found = 0
+    for i in range(ctx.dims["n_layers"]):
+        layer, router, experts = spec.layer(i), spec.layer(i, "router"), spec.layer(i, "experts")
+        logits = module_output(graph, f"{router}.proj")
+        if logits is None:
+            continue
+        b, s = _batch_seq(graph, router, layer)
+        tokens = ((aten.unflatten.int, (0, [b, s])), (aten.flatten.using_ints, (0, 1)))
+        probs = single([u for u in logits.users if u.target in _SOFTMAX], f"router softmax of {router}")
+        indices = _getitem(single([u for u in probs.users if u.target in _TOPK], f"top-k of {router}"), 1)
+        inside = set(module_nodes(graph, router))
+        weights = single([n for n in module_inputs(graph, experts) if n in inside], f"routing weights {experts} reads")
+        slots = single([n for n in module_nodes(graph, experts) if _rank(n) == 3
+                        and any(u.target in _SUMS and u.args[1] == [1] for u in n.users)],
+                       f"per-slot outputs [N,K,D] summed by {experts}")
+        blk, common = f"blocks.{i}", dict(made_by="hook_moe", scope=layer)
+        for node, name, shape, path in (
+                (logits, "moe.hook_router_logits", ("B", "S", "E"), f"{router}.proj"),
+                (probs, "moe.hook_expert_weights", ("B", "S", "E"), router),
+                (indices, "moe.hook_expert_indices", ("B", "S", "K"), router),
+                (weights, "moe.hook_routing_weights", ("B", "S", "K"), router),
+                (slots, "moe.hook_expert_out", ("B", "S", "K", "D"), experts)):
+            hook_viewed(graph, root, node, f"{blk}.{name}", to_hook=tokens[0], from_hook=tokens[1], shape=shape,
+                        hf_module=path, **common)
+        out = module_output(graph, f"{layer}.post_feedforward_layernorm_2")
+        hook_after(graph, root, out, f"{blk}.hook_moe_out", shape=("B", "S", "D"), hf_module=layer, **common)
+        found += PER_LAYER
+    return found

@@ -1,0 +1,42 @@
+"""Make KV-shared layers read the keys of the layer they share, as that layer's ``hook_rot_k`` left them.
+
+After ``alias_shared_kv`` and ``hook_attention`` a shared layer L reads the raw key of layer S:
+    k_S -> hook_rot_k[S] -> attn[S]           k_S -> hook_rot_k[S] -> attn[S]
+    k_S -> alias -> hook_rot_k[L] -> attn[L]  ->   `-> alias -> hook_rot_k[L] -> attn[L]
+so an edit of ``blocks.S.attn.hook_rot_k`` reaches every layer that reuses those keys (as in HF, where they are
+one tensor), and ``blocks.L.attn.hook_rot_k`` edits the keys of layer L alone. ``hook_k`` / ``hook_v`` of S are
+upstream of both and reach them already.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import PassContext, graph_pass
+
+aten = torch.ops.aten
+
+
+def _cores(graph) -> dict[int, torch.fx.Node]:
+    """layer -> the AttentionCore call of that layer (``blocks.{i}.attn``)."""
+    found = {}
+    for n in graph.nodes:
+        if n.op == "call_module" and n.target.startswith("blocks.") and n.target.endswith(".attn"):
+            found[int(n.target.split(".")[1])] = n
+    return found
+
+
+@graph_pass(expects=lambda spec, dims: dims.get("n_kv_shared_layers", 0))
+def route_shared_kv(ctx: PassContext) -> int:
+    """Route each KV-shared layer's key alias through the owner layer's hook_rot_k."""
+    graph = ctx.graph
+    cores = _cores(graph)
+    found = 0
+    for alias in [n for n in graph.nodes if "fxbridge_shared_kv_from" in n.meta]:
+        owner = cores[alias.meta["fxbridge_shared_kv_from"]]
+        raw = alias.args[0]
+        hooked = owner.args[1]  # the owner's key after its hook_rot_k
+        if hooked is raw or hooked.op != "call_function":
+            raise LookupError(f"the key of {owner.target} is not hooked (hook_attention must run first)")
+        alias.replace_input_with(raw, hooked)
+        found += 1
+    return found
