@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tracer.attention_op import eager_attention
-from .hook_point import HookPoint
+from .hook_point import FastCallModule, HookPoint
 
 
-class AttentionCore(nn.Module):
+class AttentionCore(FastCallModule):
     """softmax(q k^T * scale [-> softcap] + mask) v for one layer; q [B,H,S,dh], k/v [B,Hkv,S,dh] -> z [B,S,H,dh].
 
     ``force_eager`` makes it always materialise scores and pattern (useful to compare the two paths).
@@ -38,9 +38,7 @@ class AttentionCore(nn.Module):
 
     def forward(self, q, k, v, mask):
         if not self.needs_eager():
-            n_rep = q.shape[1] // k.shape[1]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=n_rep > 1)
-            return out.transpose(1, 2).contiguous()
+            return fused_attention(q, k, v, mask, self.scaling)
         pre_cap = getattr(self, "hook_attn_scores_pre_cap", None)
         return eager_attention(
             q, k, v, mask, self.scaling, self.softcap,
@@ -53,7 +51,50 @@ class AttentionCore(nn.Module):
         return f"layer={self.layer}, scaling={self.scaling:.4g}, softcap={self.softcap}"
 
 
-class RMSNormCore(nn.Module):
+def is_plain_causal(mask: torch.Tensor | None, q_len: int, k_len: int) -> bool:
+    """Whether additive ``mask`` [B,1|H,S,S] is exactly HF's causal mask (0 on and below the diagonal, finfo.min
+    above): no padding, no sliding window cutting inside the sequence. Then SDPA's ``is_causal=True`` computes the
+    same softmax (masked entries contribute exactly 0 either way) and may use the flash kernel.
+
+    The answer is stored on the mask tensor, so the layers sharing one mask in a forward check it once (one
+    comparison and one device sync per distinct mask, as HF's own padding check costs).
+    """
+    if mask is None or q_len != k_len or q_len < 2 or mask.dim() != 4 or not mask.is_floating_point():
+        return False
+    cached = getattr(mask, "_fxbridge_plain_causal", None)
+    if cached is None:
+        if mask.device.type == "meta":
+            return False
+        above = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).triu_(1)
+        expected = torch.zeros(q_len, k_len, dtype=mask.dtype, device=mask.device)
+        expected.masked_fill_(above, torch.finfo(mask.dtype).min)
+        cached = bool(torch.equal(mask, expected.expand(mask.shape)))
+        try:
+            mask._fxbridge_plain_causal = cached
+        except (AttributeError, RuntimeError):  # e.g. tensor subclasses that refuse attributes
+            pass
+    return cached
+
+
+def fused_attention(q, k, v, mask, scaling: float):
+    """HF's ``sdpa_attention_forward`` on the captured inputs: ``is_causal`` without a mask when the mask is plainly
+    causal, GQA inside SDPA only without a mask (as HF decides; CUDA kernels with a mask need repeated heads)."""
+    n_rep = q.shape[1] // k.shape[1]
+    is_causal = is_plain_causal(mask, q.shape[2], k.shape[2])
+    if is_causal:
+        mask = None
+    extra = {}
+    if n_rep > 1:
+        if mask is None and k.shape[-1] == v.shape[-1] <= 256:
+            extra["enable_gqa"] = True
+        else:
+            k = k.repeat_interleave(n_rep, dim=1)
+            v = v.repeat_interleave(n_rep, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, is_causal=is_causal, **extra)
+    return out.transpose(1, 2).contiguous()
+
+
+class RMSNormCore(FastCallModule):
     """x * rsqrt(var_eps) as HF writes it; hooked: scale = sqrt(var_eps) [B,S,1], normalized = x / scale."""
 
     def __init__(self):
@@ -68,7 +109,7 @@ class RMSNormCore(nn.Module):
         return self.hook_normalized(x / scale)
 
 
-class LayerNormCore(nn.Module):
+class LayerNormCore(FastCallModule):
     """F.layer_norm as HF calls it; hooked: centred x / scale with scale = sqrt(var + eps), then weight and bias."""
 
     def __init__(self, normalized_shape, eps: float):

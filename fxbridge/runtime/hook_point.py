@@ -32,8 +32,27 @@ class HookHandle:
             hooks.remove(self)
 
 
-class HookPoint(nn.Module):
+class FastCallModule(nn.Module):
+    """A module whose call skips ``nn.Module.__call__``'s dispatch unless torch module hooks are registered on it.
+
+    The traced graph calls hundreds of hook points and cores per forward; the generic call path costs about a
+    microsecond each, which is most of what an unhooked point would cost. (Global module hooks registered with
+    ``torch.nn.modules.module.register_module_forward_hook`` are not seen by these modules.)
+    """
+
+    def __call__(self, *args, **kwargs):
+        if self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks:
+            return nn.Module.__call__(self, *args, **kwargs)
+        return self.forward(*args, **kwargs)
+
+
+class HookPoint(FastCallModule):
     """Identity with hooks. ``name`` is its dotted name in the traced module (set when installed)."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self._fwd or self._bwd or self._forward_hooks or self._forward_pre_hooks or self._backward_hooks):
+            return x  # nothing attached: free
+        return FastCallModule.__call__(self, x)
 
     def __init__(self, name: str = "", shape: tuple[str, ...] = (), made_by: str = "", hf_module: str = ""):
         super().__init__()

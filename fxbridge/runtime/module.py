@@ -17,6 +17,7 @@ from torch import fx
 
 from ..errors import unknown_hook_error
 from .cache import ActivationCache
+from .fast_forward import build_fast_forward
 from .hook_point import HookHandle, HookPoint
 
 NameOrFilter = "str | Callable[[str], bool]"
@@ -42,7 +43,9 @@ class HookedGraphModule(fx.GraphModule):
     def recompile(self):
         result = super().recompile()
         cls = type(self)  # GraphModule gives every instance its own class; keep the generated code as _graph_forward
-        cls._graph_forward = cls.forward
+        cls._fx_forward = cls.forward
+        fast, self._fxb_slots = build_fast_forward(self, result)
+        cls._graph_forward = fast or cls._fx_forward  # same code, less interpreter overhead (fast_forward.py)
         cls.forward = HookedGraphModule._forward
         return result
 
@@ -58,6 +61,8 @@ class HookedGraphModule(fx.GraphModule):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
                              f"input_ids {tuple(input_ids.shape)}; they must match")
         if stop_at_layer is None:
+            if torch.compiler.is_compiling():  # let dynamo see fx's plain code
+                return self._fx_forward(input_ids, attention_mask)
             return self._graph_forward(input_ids, attention_mask)
         return self._truncated_module(stop_at_layer)(input_ids, attention_mask)
 

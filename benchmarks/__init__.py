@@ -1,0 +1,1 @@
+"""The fxbridge benchmark suite: model shapes in configs/*.json, run with ``python -m benchmarks.run``."""
