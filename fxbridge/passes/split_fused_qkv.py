@@ -26,7 +26,7 @@ from torch import fx
 from torch.utils._pytree import tree_map
 
 from .base import PassContext, graph_pass
-from .graph_utils import hook_after, module_output, scoped_meta, stack_paths
+from .graph_utils import hook_after, module_nodes, module_output, scoped_meta
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -143,14 +143,9 @@ def _check_size(fused: fx.Node, layout: str, dims: dict, what: str) -> None:
 
 def _match_region(fused, probe, candidates, attn_path) -> list[tuple[fx.Node, tuple]]:
     """HF nodes derived from ``fused`` by shape-only code whose probe equals a candidate (nearest ones only)."""
-    matches, seen = [], False
-    for node in fused.graph.nodes:
-        if node is fused:
-            seen = True
-            continue
-        if not seen or node.op != "call_function" or attn_path not in stack_paths(node):
-            continue
-        if not any(a in probe.env for a in node.all_input_nodes):
+    matches = []
+    for node in module_nodes(fused.graph, attn_path):  # graph order; nodes before fused read nothing of it
+        if node.op != "call_function" or not any(a in probe.env for a in node.all_input_nodes):
             continue
         try:
             out = probe.run(node)
