@@ -13,6 +13,10 @@ ROTARY = ["attn.hook_rot_q", "attn.hook_rot_k"]
 GATED = ["mlp.hook_pre_linear"]
 SANDWICH = ["ln1_post.hook_scale", "ln1_post.hook_normalized", "ln2_post.hook_scale", "ln2_post.hook_normalized"]
 ATTN_SOFTCAP = ["attn.hook_attn_scores_pre_cap"]
+# Gemma 4 (architectures/gemma4.py): per-layer embeddings and the MoE block next to the MLP
+GEMMA4 = ["ple.hook_per_layer_input", "ple.hook_gate", "ple.hook_gated", "hook_ple_out", "moe.hook_router_logits",
+          "moe.hook_expert_weights", "moe.hook_expert_indices", "moe.hook_routing_weights", "moe.hook_expert_out",
+          "hook_moe_out"]
 FAMILY = {
     "llama": dict(rotary=True, gated=True, pos=False),
     "mistral": dict(rotary=True, gated=True, pos=False),
@@ -31,6 +35,9 @@ FAMILY = {
     "falcon_rw": dict(rotary=False, gated=False, pos=False),
     "falcon_new_mqa": dict(rotary=True, gated=False, pos=False, parallel=True),
     "falcon_40b": dict(rotary=True, gated=False, pos=False, parallel=True),
+    # layers 3 and 4 reuse the keys/values of layers 1 and 2: no k/v projections, so no hook_k / hook_v
+    "gemma4_text": dict(rotary=True, gated=True, pos=False, sandwich=True, final_softcap=True, extra=GEMMA4,
+                        kv_shared_layers=(3, 4)),
 }
 
 
@@ -42,12 +49,14 @@ def golden(arch: str, n_layers: int) -> set[str]:
         per_layer = [h for h in per_layer if h != "hook_resid_mid"]
     if f.get("ln2") is False:
         per_layer = [h for h in per_layer if not h.startswith("ln2.")]
+    per_layer += f.get("extra", [])
     names = {"hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized", "hook_unembed"}
     if f["pos"]:
         names.add("hook_pos_embed")
     if f.get("final_softcap"):
         names.add("hook_logits")
-    return names | {f"blocks.{i}.{h}" for i in range(n_layers) for h in per_layer}
+    shared = {f"blocks.{i}.attn.{h}" for i in f.get("kv_shared_layers", ()) for h in ("hook_k", "hook_v")}
+    return (names | {f"blocks.{i}.{h}" for i in range(n_layers) for h in per_layer}) - shared
 
 
 def expected_shape(name: str, dims: dict, batch: int, seq: int) -> tuple:
@@ -60,6 +69,12 @@ def expected_shape(name: str, dims: dict, batch: int, seq: int) -> tuple:
         "hook_scale": (B, S, 1), "hook_unembed": (B, S, dims["d_vocab"]),
         "hook_attn_scores_pre_cap": (B, H, S, S), "hook_logits": (B, S, dims["d_vocab"]),
     }
+    if "d_per_layer_input" in dims or "n_experts" in dims:  # Gemma 4: PLE [B,S,P], MoE [B,S,E|K(,D)]
+        P, E, K = dims.get("d_per_layer_input"), dims.get("n_experts"), dims.get("top_k")
+        table.update({"hook_per_layer_input": (B, S, P), "hook_gate": (B, S, P), "hook_gated": (B, S, P),
+                      "hook_router_logits": (B, S, E), "hook_expert_weights": (B, S, E),
+                      "hook_expert_indices": (B, S, K), "hook_routing_weights": (B, S, K),
+                      "hook_expert_out": (B, S, K, D)})
     if leaf in table:
         return table[leaf]
     if leaf in ("hook_pre", "hook_pre_linear", "hook_post"):
@@ -72,7 +87,16 @@ def test_hook_names_are_golden(trio, arch):
     assert set(gm.hook_dict) == golden(arch, gm.dims["n_layers"])
 
 
-def test_each_hook_fires_once_with_stated_shape(trio):
+# Layers whose sizes differ from the config's global ones, read from the HF modules (Gemma 4: full layers have
+# their own head size and KV heads, KV-shared layers a double-wide MLP).
+LAYER_SIZES = {
+    "gemma4_text": lambda model, i: dict(d_head=model.model.layers[i].self_attn.head_dim,
+                                         n_kv_heads=model.config.per_layer_config[i].num_key_value_heads,
+                                         d_mlp=model.model.layers[i].mlp.up_proj.out_features),
+}
+
+
+def test_each_hook_fires_once_with_stated_shape(trio, arch):
     model, _, gm = trio
     batch, seq = 2, 6
     counts = {}
@@ -87,9 +111,14 @@ def test_each_hook_fires_once_with_stated_shape(trio):
     d_mlp = model.config.intermediate_size if hasattr(model.config, "intermediate_size") and \
         model.config.intermediate_size else 4 * gm.dims["d_model"]
     for name, shape in shapes.items():
-        want = expected_shape(name, gm.dims, batch, seq)
+        dims, layer_d_mlp = gm.dims, d_mlp
+        if arch in LAYER_SIZES and name.startswith("blocks."):
+            sizes = LAYER_SIZES[arch](model, int(name.split(".")[1]))
+            layer_d_mlp = sizes.pop("d_mlp")
+            dims = dict(gm.dims, **sizes)
+        want = expected_shape(name, dims, batch, seq)
         if want[-1] is None:
-            want = (batch, seq, d_mlp)
+            want = (batch, seq, layer_d_mlp)
         assert shape == want, name
 
 

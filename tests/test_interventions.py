@@ -39,7 +39,7 @@ def test_zero_head_via_hook_z_equals_manual_hf_edit(trio):
 
 
 def test_replacing_pattern_changes_output_and_is_used(trio):
-    _, _, gm = trio
+    _, ref, gm = trio
     ids = tokens(2, 6)
     n_rep = gm.dims["n_heads"] // gm.dims["n_kv_heads"]
 
@@ -52,7 +52,12 @@ def test_replacing_pattern_changes_output_and_is_used(trio):
             edited, cache = gm.run_with_cache(ids, names_filter=["blocks.0.attn.hook_v", "blocks.0.attn.hook_z"])
     assert (edited - clean).abs().max().item() > 1e-4
     # attending only to itself, each head's z is its own position's value vector
-    v = cache["v", 0].repeat_interleave(n_rep, dim=2)
+    v = cache["v", 0]
+    v_norm = getattr(ref.get_submodule(gm.spec.layer(0, gm.spec.attn)), "v_norm", None)
+    if v_norm is not None:  # Gemma 4 attends to v_norm(v); hook_v is before it (HOOKS.md)
+        with torch.no_grad():
+            v = v_norm(v)
+    v = v.repeat_interleave(n_rep, dim=2)
     assert (cache["z", 0] - v).abs().max().item() < TOL
 
 

@@ -19,6 +19,14 @@ BIGCODE = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128
 FALCON = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
               max_position_embeddings=128, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
 FALCON_OLD = dict(FALCON, new_decoder_architecture=False, alibi=False, bias=False)
+# Gemma 4: 5 layers [sliding, sliding, full, sliding, full]; the last 2 reuse the k/v of layers 1 and 2 (KV
+# sharing, double-wide MLP), full layers have head_dim 32 and 1 KV head with k = v (no v_proj); per-layer
+# embeddings (width 8), a 4-expert top-2 MoE block, final softcap, sliding window 4.
+GEMMA4 = dict(COMMON, num_hidden_layers=5, sliding_window=4, global_head_dim=32, num_global_key_value_heads=1,
+              layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                           "full_attention"], attention_k_eq_v=True, num_kv_shared_layers=2, use_double_wide_mlp=True,
+              hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, enable_moe_block=True, num_experts=4,
+              top_k_experts=2, moe_intermediate_size=24, final_logit_softcapping=30.0)
 
 CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**COMMON),
@@ -41,6 +49,7 @@ CONFIGS = {
     "falcon_new_mqa": lambda: tf.FalconConfig(**FALCON, new_decoder_architecture=True, num_kv_heads=1),
     "falcon_40b": lambda: tf.FalconConfig(**dict(FALCON, num_attention_heads=8), new_decoder_architecture=True,
                                           num_kv_heads=2),
+    "gemma4_text": lambda: tf.Gemma4TextConfig(**GEMMA4),
 }
 
 # What each tiny config must really contain, so a test cannot pass on a config that lost its feature.
@@ -74,7 +83,37 @@ FEATURE_GUARDS = {
     and hasattr(m.transformer.h[0], "ln_mlp"),
     "falcon_40b": lambda m: m.config.new_decoder_architecture and m.config.num_attention_heads == 8
     and m.config.num_kv_heads == 2 and not m.config.alibi and hasattr(m.transformer.h[0], "ln_mlp"),
+    "gemma4_text": lambda m: _gemma4_features(m),
 }
+
+
+def _gemma4_features(m) -> bool:
+    layers = m.model.layers
+    return (not hasattr(layers[3].self_attn, "k_proj") and not hasattr(layers[4].self_attn, "k_proj")  # KV sharing
+            and layers[2].self_attn.v_proj is None and layers[0].self_attn.v_proj is not None  # k = v on full layers
+            and layers[2].self_attn.head_dim != layers[0].self_attn.head_dim and hasattr(layers[0].self_attn, "v_norm")
+            and hasattr(layers[0], "per_layer_input_gate") and hasattr(layers[0], "experts")
+            and all(float(layer.layer_scalar) != 1.0 for layer in layers) and m.config.final_logit_softcapping == 30.0
+            and m.config.sliding_window == 4 and layers[3].mlp.up_proj.out_features == 2 * m.config.intermediate_size)
+
+
+def _gemma4_weights(model) -> None:
+    """Checkpoint-like values random init leaves at 1: ``layer_scalar`` (a buffer) and the post-norm gains.
+
+    With gains of 1 every Gemma 4 branch (attention, MLP, MoE, PLE) adds O(1) after its post-norm and the
+    residual of a random 5-layer model grows to ~10, where fp32 noise between HF's own sdpa and eager paths
+    (~1e-6 relative) already exceeds the 1e-5 absolute tolerance; gains of 0.1 keep the residual ~1.
+    """
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.layer_scalar.fill_(0.9 - 0.05 * i)
+            for name in ("post_attention_layernorm", "post_feedforward_layernorm", "post_feedforward_layernorm_1",
+                         "post_feedforward_layernorm_2", "post_per_layer_input_norm"):
+                getattr(layer, name).weight.mul_(0.1)
+
+
+# Per-architecture touches after the generic perturbation (weights random init leaves meaningless).
+ADJUST = {"gemma4_text": _gemma4_weights}
 
 
 def build(arch: str, seed: int = 0, attn_implementation: str | None = None) -> torch.nn.Module:
@@ -87,6 +126,8 @@ def build(arch: str, seed: int = 0, attn_implementation: str | None = None) -> t
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+    if arch in ADJUST:
+        ADJUST[arch](model)
     return model
 
 
