@@ -55,28 +55,30 @@ def _slot(root: torch.nn.Module, target: str):
     return None
 
 
-def build_fast_forward(gm: fx.GraphModule, python_code) -> tuple[Any, list]:
-    """(forward function, slots) for ``gm``; ``slots`` is the list of (dict, key) the forward reads through
-    ``self._fxb_slots``. Falls back to fx's own function when the source does not look as expected."""
+def slots_for(root: torch.nn.Module, targets: list[str]) -> list | None:
+    """The (dict, key) slot of every target, or None when one cannot be found. Call again whenever the module
+    tree under ``root`` is re-assembled (GraphModule's constructor first copies it into fresh containers)."""
+    slots = [_slot(root, t) for t in targets]
+    return None if any(s is None for s in slots) else slots
+
+
+def build_fast_forward(gm: fx.GraphModule, python_code) -> tuple[Any, list[str]]:
+    """(forward function, targets) for ``gm``: the forward reads the object at ``targets[i]`` as
+    ``self._fxb_slots[i]`` (see ``slots_for``). (None, []) when the source does not look as expected."""
     src, globals_ = python_code.src, dict(python_code.globals)
-    slots: list = []
-    exprs: dict[str, int] = {}
+    targets: list[str] = []
     for node in gm.graph.nodes:
-        if node.op in ("get_attr", "call_module") and node.target not in exprs:
-            slot = _slot(gm, node.target)
-            if slot is not None:
-                exprs[node.target] = len(slots)
-                slots.append(slot)
-    # longest first: "getattr(self.blocks, "0").attn" is a prefix of "...attn.hook_q"
-    for target in sorted(exprs, key=lambda t: -len(_format_target("self", t))):
+        if node.op in ("get_attr", "call_module") and node.target not in targets:
+            targets.append(node.target)
+    index = {t: i for i, t in enumerate(targets)}
+    # longest first: 'getattr(self.blocks, "0").attn' is a prefix of '...attn.hook_q'
+    for target in sorted(targets, key=lambda t: -len(_format_target("self", t))):
         expr = re.escape(_format_target("self", target))
-        src = re.sub(expr + r"(?![\w.])", f"_fxb_r[{exprs[target]}]", src)
+        src = re.sub(expr + r"(?![\w.])", f"_fxb_r[{index[target]}]", src)
     header = re.search(r"def forward\(self[^\n]*:\n", src)
-    if header is None or "self." in src.replace("self._fxb_slots", ""):
+    if header is None or "self." in src:
         return None, []
-    body_indent = "    "
-    resolve = f"{body_indent}_fxb_r = [d[k] for d, k in self._fxb_slots]\n"
-    src = src[:header.end()] + resolve + src[header.end():]
+    src = src[:header.end()] + "    _fxb_r = [d[k] for d, k in self._fxb_slots]\n" + src[header.end():]
     src = _op_handles(src, globals_)
     from torch.fx.graph_module import _forward_from_src
-    return _forward_from_src(src, globals_), slots
+    return _forward_from_src(src, globals_), targets

@@ -17,7 +17,7 @@ from torch import fx
 
 from ..errors import unknown_hook_error
 from .cache import ActivationCache
-from .fast_forward import build_fast_forward
+from .fast_forward import build_fast_forward, slots_for
 from .hook_point import HookHandle, HookPoint
 
 NameOrFilter = "str | Callable[[str], bool]"
@@ -33,6 +33,10 @@ class HookedGraphModule(fx.GraphModule):
         # module trees back so `gm.hf` is the HF model and every hook point (also those inside cores) is here.
         for name, child in root.named_children():
             setattr(self, name, child)
+        if getattr(self, "_fxb_slots", None) is not None:  # point the fast forward at the real modules
+            self._fxb_slots = slots_for(self, self._fxb_targets)
+            if self._fxb_slots is None:
+                type(self)._graph_forward = type(self)._fx_forward
         self.spec = spec
         self.dims = dict(dims)
         self.report = report
@@ -44,8 +48,10 @@ class HookedGraphModule(fx.GraphModule):
         result = super().recompile()
         cls = type(self)  # GraphModule gives every instance its own class; keep the generated code as _graph_forward
         cls._fx_forward = cls.forward
-        fast, self._fxb_slots = build_fast_forward(self, result)
-        cls._graph_forward = fast or cls._fx_forward  # same code, less interpreter overhead (fast_forward.py)
+        fast, self._fxb_targets = build_fast_forward(self, result)
+        self._fxb_slots = slots_for(self, self._fxb_targets) if fast else None
+        # same code, less interpreter overhead (fast_forward.py)
+        cls._graph_forward = fast if self._fxb_slots is not None else cls._fx_forward
         cls.forward = HookedGraphModule._forward
         return result
 

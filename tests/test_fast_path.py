@@ -1,0 +1,192 @@
+"""Pay only for what is hooked: which attention path runs, and that every fast path computes what HF computes.
+
+Paths are checked by counting calls (torch profiler, or a wrapper around the SDPA call), never by the clock.
+"""
+from unittest import mock
+
+import pytest
+import torch
+import transformers as tf
+from torch.profiler import ProfilerActivity, profile
+
+import fxbridge as bridge
+from conftest import traced
+from fxbridge.runtime import cores
+from tiny import COMMON, left_padded, tokens
+
+TOL = 1e-5
+
+
+def _sdpa_calls(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::scaled_dot_product_attention")
+
+
+@pytest.fixture
+def llama():
+    model, ref, gm = traced("llama")
+    gm.reset_hooks(including_permanent=True)
+    yield model, ref, gm
+    gm.reset_hooks(including_permanent=True)
+
+
+def test_no_hooks_every_layer_fused_and_exact(llama):
+    _, ref, gm = llama
+    ids = tokens(2, 9)
+    with torch.no_grad():
+        assert _sdpa_calls(lambda: gm(ids)) == gm.dims["n_layers"]
+        assert (gm(ids) - ref(ids).logits).abs().max().item() < TOL
+
+
+def test_pattern_hook_makes_only_that_layer_eager(llama):
+    _, ref, gm = llama
+    ids = tokens(2, 9)
+    seen = {}
+    gm.add_hook("blocks.1.attn.hook_pattern", lambda t, hook: seen.__setitem__("pattern", t.clone()))
+    with torch.no_grad():
+        assert _sdpa_calls(lambda: gm(ids)) == gm.dims["n_layers"] - 1
+        got = gm(ids)
+        expected = ref(ids, output_attentions=True)
+    assert (got - expected.logits).abs().max().item() < TOL
+    assert (seen["pattern"] - expected.attentions[1]).abs().max().item() < TOL
+    gm.reset_hooks()
+    with torch.no_grad():
+        assert _sdpa_calls(lambda: gm(ids)) == gm.dims["n_layers"]  # removing the hook restores the fused path
+
+
+def test_scores_hook_edit_takes_effect_on_eager_layer_only(llama):
+    _, _, gm = llama
+    ids = tokens(1, 6)
+    with torch.no_grad():
+        clean = gm(ids)
+        edited = gm.run_with_hooks(ids, fwd_hooks=[("blocks.2.attn.hook_attn_scores", lambda t, hook: t * 0.0)])
+        assert _sdpa_calls(lambda: gm.run_with_hooks(
+            ids, fwd_hooks=[("blocks.2.attn.hook_attn_scores", lambda t, hook: None)])) == gm.dims["n_layers"] - 1
+    assert (edited - clean).abs().max().item() > 1e-4
+
+
+def _sdpa_is_causal_flags(gm, *args, **kwargs) -> list[bool]:
+    flags = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        flags.append(bool(kw.get("is_causal", False)) and kw.get("attn_mask") is None)
+        return real(*a, **kw)
+
+    with mock.patch.object(cores.F, "scaled_dot_product_attention", spy), torch.no_grad():
+        out = gm(*args, **kwargs)
+    return flags, out
+
+
+def test_is_causal_shortcut_without_padding_is_exact(llama):
+    _, ref, gm = llama
+    ids = tokens(3, 11)
+    flags, out = _sdpa_is_causal_flags(gm, ids)
+    assert flags == [True] * gm.dims["n_layers"]
+    with torch.no_grad():
+        assert (out - ref(ids).logits).abs().max().item() < TOL
+
+
+def test_padding_keeps_the_mask_and_is_exact(llama):
+    _, ref, gm = llama
+    ids, mask = left_padded(3, 9, pads=[0, 2, 5])
+    flags, out = _sdpa_is_causal_flags(gm, ids, attention_mask=mask)
+    assert flags == [False] * gm.dims["n_layers"]
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert (out - expected)[keep].abs().max().item() < TOL
+    # an all-ones mask passed explicitly is plainly causal again
+    flags, _ = _sdpa_is_causal_flags(gm, ids, attention_mask=torch.ones_like(mask))
+    assert flags == [True] * gm.dims["n_layers"]
+
+
+@pytest.mark.parametrize("seq,shortcut", [(4, True), (12, False)])
+def test_sliding_window_uses_the_shortcut_only_inside_the_window(seq, shortcut):
+    model, ref, gm = traced("mistral")  # sliding_window=4 on every layer
+    assert model.config.sliding_window == 4
+    gm.reset_hooks(including_permanent=True)
+    ids = tokens(2, seq)
+    flags, out = _sdpa_is_causal_flags(gm, ids)
+    assert flags == [shortcut] * gm.dims["n_layers"]
+    with torch.no_grad():
+        assert (out - ref(ids).logits).abs().max().item() < TOL
+
+
+def test_is_plain_causal_on_hand_built_masks():
+    n, neg = 5, torch.finfo(torch.float32).min
+    causal = torch.zeros(n, n).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), neg)
+    assert cores.is_plain_causal(causal.expand(2, 1, n, n).clone(), n, n)
+    padded = causal.expand(2, 1, n, n).clone()
+    padded[1, 0, :, 0] = neg
+    assert not cores.is_plain_causal(padded, n, n)
+    window = causal.clone()
+    window[4, 0] = neg  # a sliding window of 4 cuts position 0 out of row 4
+    assert not cores.is_plain_causal(window[None, None], n, n)
+    assert not cores.is_plain_causal(causal.masked_fill(causal != 0, float("-inf"))[None, None], n, n)
+    assert not cores.is_plain_causal(None, n, n)
+    assert not cores.is_plain_causal(causal[None, None], n, n + 1)
+
+
+def test_softcap_layers_stay_eager_and_exact():
+    model, ref, gm = traced("gemma2")
+    assert model.config.attn_logit_softcapping is not None
+    gm.reset_hooks(including_permanent=True)
+    ids = tokens(2, 7)
+    with torch.no_grad():
+        assert _sdpa_calls(lambda: gm(ids)) == 0  # HF runs Gemma 2 eager too (sdpa cannot softcap)
+        assert (gm(ids) - ref(ids).logits).abs().max().item() < TOL
+
+
+def test_fast_forward_is_used_and_sees_replaced_parameters():
+    model, ref, gm = traced("gpt2")
+    gm.reset_hooks(including_permanent=True)
+    assert type(gm)._graph_forward is not type(gm)._fx_forward, "the fast forward fell back to fx's code"
+    ids = tokens(2, 5)
+    old, old_ref = model.transformer.ln_f.weight, ref.transformer.ln_f.weight
+    new = torch.rand_like(old) + 0.5
+    try:  # replacing the Parameter object (as load_state_dict(assign=True) does) must be seen by the next forward
+        model.transformer.ln_f.weight = torch.nn.Parameter(new.clone())
+        ref.transformer.ln_f.weight = torch.nn.Parameter(new.clone())
+        with torch.no_grad():
+            assert (gm(ids) - ref(ids).logits).abs().max().item() < TOL
+            assert (gm(ids) - gm._fx_forward(ids, torch.ones_like(ids))).abs().max().item() == 0
+    finally:
+        model.transformer.ln_f.weight, ref.transformer.ln_f.weight = old, old_ref
+
+
+def test_cache_stores_activations_without_copies(llama):
+    _, _, gm = llama
+    ids = tokens(1, 5)
+    with torch.no_grad():
+        _, cache = gm.run_with_cache(ids)
+    # resid_post of layer 0 is the very tensor that enters layer 1: one storage, no clone
+    a, b = cache["resid_post", 0], cache["resid_pre", 1]
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    assert len(cache) == len(gm.hook_dict)
+
+
+def test_torch_module_hooks_on_a_hook_point_still_fire(llama):
+    _, _, gm = llama
+    fired = []
+    handle = gm.hook_dict["blocks.0.hook_resid_post"].register_forward_hook(lambda m, a, out: fired.append(m.name))
+    try:
+        with torch.no_grad():
+            gm(tokens(1, 4))
+    finally:
+        handle.remove()
+    assert fired == ["blocks.0.hook_resid_post"]
+
+
+def test_trace_on_meta_device():
+    config = tf.LlamaConfig(**{**COMMON, "num_hidden_layers": 2})
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config)
+    gm = bridge.trace(model)
+    _, _, cpu_gm = traced("llama")
+    expected = [n for n in cpu_gm.hook_dict if not n.startswith("blocks.2.")]
+    assert list(gm.hook_dict) == expected
+    assert all(p.is_meta for p in gm.parameters())
+    out = gm(torch.zeros(2, 5, dtype=torch.long, device="meta"))
+    assert out.is_meta and out.shape == (2, 5, config.vocab_size)
