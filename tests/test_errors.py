@@ -49,3 +49,63 @@ def test_bad_inputs_are_reported():
         gm(tokens(2, 4), attention_mask=torch.ones(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="stop_at_layer"):
         gm(tokens(2, 4), stop_at_layer=7)
+
+
+def test_export_of_an_untraced_module_says_to_trace_it(tmp_path):
+    from tiny import build
+    model = build("llama")
+    for call in (lambda: bridge.export(model, tmp_path / "x.dot"), lambda: bridge.to_networkx(model)):
+        with pytest.raises(bridge.NotTracedError, match=r"fxbridge\.trace\(model\)"):
+            call()
+    assert not (tmp_path / "x.dot").exists()
+
+
+def test_a_hook_raising_inside_a_core_leaves_the_module_usable(trio):
+    """The pattern hook fires inside the attention core (eager path); after it raises, the fused path is back."""
+    model, ref, gm = trio
+    ids = tokens(2, 5)
+
+    def boom(t, hook):
+        raise RuntimeError(f"bad hook at {hook.name}")
+
+    with pytest.raises(RuntimeError, match="blocks.1.attn.hook_pattern"):
+        gm.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_pattern", boom)])
+    assert not any(hp.has_hooks for hp in gm.hook_dict.values())
+    with torch.no_grad():
+        assert (gm(ids) - ref(ids).logits).abs().max().item() < 1e-5
+
+
+def _hf_forward_hooks(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_verify_passes_on_an_exact_trace(trio):
+    from fxbridge.verify import verify
+    model, _, gm = trio
+    diffs = verify(gm)
+    assert set(diffs) == {f"blocks.{i}.hook_resid_post" for i in range(gm.dims["n_layers"])} | {"logits"}
+    assert max(diffs.values()) < 1e-4
+    assert _hf_forward_hooks(model) == 0  # the HF forward hooks were temporary
+
+
+def test_verify_names_the_first_diverging_layer():
+    from tiny import build
+    from fxbridge.verify import verify
+    model = build("llama")
+    gm = bridge.trace(model, verify=True)  # exact: passes
+    gm.add_hook("blocks.1.hook_resid_mid", lambda t, hook: t + 0.5, is_permanent=True)
+    try:
+        with pytest.raises(bridge.VerificationError) as info:
+            verify(gm)
+    finally:
+        gm.reset_hooks(including_permanent=True)
+    err = info.value
+    assert isinstance(err, bridge.FxBridgeError)
+    assert err.where.startswith("blocks.1.hook_resid_post") and "model.layers.1" in err.where
+    assert err.max_diff > err.tolerance
+    assert "blocks.0.hook_resid_post 0.0e+00" in str(err)  # the layer before agrees, and says so
+    assert _hf_forward_hooks(model) == 0
+    with pytest.raises(ValueError, match="meta"):
+        with torch.device("meta"):
+            meta_model = tf.LlamaForCausalLM(model.config)
+        verify(bridge.trace(meta_model))

@@ -8,6 +8,7 @@ renamed ``B`` and ``S`` so shapes read like the hook contract (``[B,S,64]``).
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from torch import fx
 
 from ..runtime.hook_point import HookPoint
 
+_CORE_RUNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # gm -> {id(graph): {node: (out, seen)}}
 _LETTER_DIMS = {"D": "d_model", "H": "n_heads", "Hkv": "n_kv_heads", "dh": "d_head", "V": "d_vocab", "F": "d_mlp"}
 
 
@@ -34,7 +36,7 @@ def _infer(gm, node: fx.Node, vals: dict) -> Any:
         module = _submodule(gm, node.target)
         if isinstance(module, HookPoint) and node.args:
             return vals.get(node.args[0])  # identity
-        return None
+        return _run_core(gm, node, vals)[0] if module is not None else None
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: vals.get(n))
@@ -154,27 +156,36 @@ def layer_of(name_or_path: str, layers_path: str | None) -> int | None:
 
 
 def core_hook_values(gm, node: fx.Node, vals: dict) -> dict[str, Any]:
-    """Fake values the hook points inside a core (``blocks.0.attn.hook_pattern``) see, by running the core on fakes.
+    """Fake values the hook points inside a core (``blocks.0.attn.hook_pattern``) see, by running the core on fakes."""
+    return _run_core(gm, node, vals)[1]
 
-    Recording hooks are attached for the run and removed after it. Cores whose hook points already have hooks
-    attached are not run (the user's functions must not see fake tensors): their entries stay missing.
+
+def _run_core(gm, node: fx.Node, vals: dict) -> tuple[Any, dict[str, Any]]:
+    """Run a core module on the fake values of its inputs: (output, {inner hook name: value it sees}).
+
+    Recording hooks are attached for the run and removed after it. A core whose hook points already have hooks
+    attached is not run (the user's functions must not see fake tensors): (None, {}).
     """
+    per_graph = _CORE_RUNS.setdefault(gm, {}).setdefault(id(gm.graph), {})
+    if node.name in per_graph:  # the graph is fixed after trace; replaying a core on fakes costs ~10-100 ms
+        return per_graph[node.name]
     core = gm.get_submodule(node.target)
     points = {f"{node.target}.{n}": p for n, p in core.named_children() if isinstance(p, HookPoint)}
-    if not points or any(p.has_hooks for p in points.values()):
-        return {}
+    if any(p.has_hooks for p in points.values()):
+        return None, {}
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: vals.get(n))
     mode = torch._guards.detect_fake_mode(_tensors((args, kwargs)))
     if mode is None or any(vals.get(n) is None for n in node.all_input_nodes):
-        return {}
+        return None, {}
     seen: dict[str, Any] = {}
     handles = [p.add_hook(lambda t, hook, name=name: seen.setdefault(name, t)) for name, p in points.items()]
     try:
         with mode, torch.no_grad():
-            core(*args, **kwargs)
+            out = core(*args, **kwargs)
     except Exception:  # a core we cannot replay on fakes: its hooks keep their contract shapes only
-        return {}
+        return None, {}
     finally:
         for h in handles:
             h.remove()
-    return seen
+    per_graph[node.name] = (out, seen)
+    return out, seen
