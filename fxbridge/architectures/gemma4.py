@@ -15,8 +15,8 @@ Where each Gemma 4 convention is handled (the README's conventions table has one
   the last earlier layer of the same type. They have no ``hook_k``/``hook_v``; their ``hook_rot_k`` fires with
   the reused keys (edits reach that layer only), which are read after the owner's ``hook_rot_k``, so editing
   the owner's keys reaches every layer that reuses them, as in HF (``alias_shared_kv``, ``route_shared_kv``).
-- Per-layer embeddings (PLE): ``blocks.{i}.ple.hook_per_layer_input`` / ``ple.hook_gate`` / ``ple.hook_gated`` [B,S,P] and
-  ``blocks.{i}.hook_ple_out`` [B,S,D] (``hook_per_layer_embeddings``).
+- Per-layer embeddings (PLE): ``blocks.{i}.ple.hook_per_layer_input`` / ``ple.hook_gate`` / ``ple.hook_gated``
+  [B,S,P] and ``blocks.{i}.hook_ple_out`` [B,S,D] (``hook_per_layer_embeddings``).
 - MoE block next to the dense MLP: ``blocks.{i}.moe.*`` router/expert hooks and ``blocks.{i}.hook_moe_out``;
   ``hook_mlp_out`` (post_feedforward_layernorm) is the dense MLP and the MoE together (``hook_moe``).
 - ``layer_scalar``: the layer multiplies its output by it, so

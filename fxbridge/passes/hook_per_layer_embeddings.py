@@ -38,15 +38,14 @@ def hook_per_layer_embeddings(ctx: PassContext) -> int:
             continue
         _check_width(gate, width, f"{layer}.per_layer_input_gate")
         act = single([u for u in gate.users if in_module(u, f"{layer}.act_fn")], f"activation of {layer} PLE gate")
-        act_out = module_output(graph, f"{layer}.act_fn")
-        mul = single([u for u in act_out.users if u.target in _MULS and in_module(u, layer)],
+        mul = single([u for u in act.users if u.target in _MULS and in_module(u, layer)],
                      f"product of the PLE gate and the per-layer input in {layer}")
-        embed = mul.args[1] if mul.args[0] is act_out else mul.args[0]
+        embed = mul.args[1] if mul.args[0] is act else mul.args[0]
         _check_width(embed, width, f"per-layer input of {layer}")
         blk, common = f"blocks.{i}", dict(made_by="hook_per_layer_embeddings", hf_module=layer)
         hook_after(graph, root, gate, f"{blk}.ple.hook_gate", shape=("B", "S", "P"), scope=layer, users=[act], **common)
-        hook_after(graph, root, embed, f"{blk}.ple.hook_per_layer_input", shape=("B", "S", "P"), scope=layer, users=[mul],
-                   meta_from=mul, **common)
+        hook_after(graph, root, embed, f"{blk}.ple.hook_per_layer_input", shape=("B", "S", "P"), scope=layer,
+                   users=[mul], meta_from=mul, **common)
         hook_after(graph, root, mul, f"{blk}.ple.hook_gated", shape=("B", "S", "P"), scope=layer, **common)
         out = module_output(graph, f"{layer}.post_per_layer_input_norm")
         hook_after(graph, root, out, f"{blk}.hook_ple_out", shape=("B", "S", "D"), scope=layer, **common)
