@@ -189,13 +189,15 @@ def _collapse(graph: ExportGraph) -> ExportGraph:
     graph = ExportGraph({i: n for i, n in graph.nodes.items() if i not in sizes},
                         [e for e in graph.edges if e[0] not in sizes and e[1] not in sizes], graph.info)
     group = _initial_groups(graph)
+    succ: dict[str, list[str]] = defaultdict(list)
+    for s, t, _ in graph.edges:
+        succ[s].append(t)
     while True:
         cycle_members = _groups_on_cycles(graph, group)
         if not cycle_members:
             break
-        for node_id, g in list(group.items()):
-            if g in cycle_members:
-                group[node_id] = node_id  # split the groups on a cycle into single ops; the fine graph is a DAG
+        for g in cycle_members:
+            _split_reentered(g, group, succ)
     folded = _fold_adaptors(graph, group)
     if _groups_on_cycles(graph, folded):  # cannot happen (each fold contracts a sole edge); keep the safe picture
         folded = group
@@ -229,6 +231,38 @@ def _fold_adaptors(graph: ExportGraph, group: dict[str, str]) -> dict[str, str]:
                     out[node_id] = other
                     break
     return out
+
+
+def _split_reentered(g: str, group: dict[str, str], succ: dict[str, list[str]]) -> None:
+    """Split group g into the ops reached by a path that leaves g and comes back ("late") and the rest.
+
+    A quotient cycle through g means such a path exists, so both parts are non-empty; repeating this until the
+    quotient is acyclic terminates (groups only shrink) and keeps runs whole wherever that is possible.
+    """
+    members = [n for n, h in group.items() if h == g]
+    inside = set(members)
+    stack = [t for n in members for t in succ[n] if t not in inside]
+    seen: set[str] = set()
+    late: list[str] = []
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in inside:
+            late.append(n)
+        stack.extend(succ[n])
+    if not late or len(late) == len(members):  # cannot happen for a group on a cycle; be safe: split fully
+        for n in members:
+            group[n] = n
+        return
+    new_id = min(late)
+    for n in late:
+        group[n] = new_id
+    if g in late:  # the group id must stay with an early member
+        early = [n for n in members if n not in set(late)]
+        for n in early:
+            group[n] = early[0]
 
 
 def _groupable(n: GNode) -> bool:
