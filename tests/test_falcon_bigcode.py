@@ -248,3 +248,17 @@ def test_split_pass_refuses_a_layout_the_code_does_not_implement():
     wrong = ArchSpec(**{**TOY_SPEC.__dict__, "qkv_layout": "contiguous"})  # same sizes, different order
     with pytest.raises(bridge.PatternNotFound, match="does not produce"):
         _run_split(gm, wrong, 6, 2, 4)
+
+
+def test_meta_device_per_head_layout_traces_and_index_constants_fail_loudly():
+    import transformers as tf
+    from tiny import CONFIGS
+    for arch in ("falcon_rw", "falcon_7b"):
+        with torch.device("meta"):
+            model = tf.AutoModelForCausalLM.from_config(CONFIGS[arch]())
+        if arch == "falcon_rw":  # split by select only: no constants
+            gm = bridge.trace(model)
+            assert gm(torch.zeros(2, 5, dtype=torch.long, device="meta")).shape == (2, 5, model.config.vocab_size)
+        else:  # HF indexes with [-2] / [-1]: their values are lost on meta, so the split cannot be verified
+            with pytest.raises(bridge.PatternNotFound, match="meta device"):
+                bridge.trace(model)

@@ -92,7 +92,7 @@ class _Probe:
 
     def __init__(self, root, fused: fx.Node, probe_sizes=(2, 3)):
         shape = fused.meta["val"].shape
-        self.root, self.binding, self.consts, concrete = root, {}, set(), []
+        self.root, self.binding, self.consts, self.meta_consts, concrete = root, {}, set(), [], []
         for size, probe_size in zip(shape[:-1], probe_sizes):
             if isinstance(size, torch.SymInt):
                 self.binding[size.node.expr] = sympy.Integer(probe_size)
@@ -113,7 +113,11 @@ class _Probe:
             return val
         if node.op == "get_attr":
             self.consts.add(node)
-            return _fetch(self.root, node.target)
+            value = _fetch(self.root, node.target)
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                self.meta_consts.append(node.target)
+                raise LookupError(f"constant {node.target} was captured on the meta device: its values are lost")
+            return value
         if node.op == "call_function" and node.target in _CONST_OPS and depth > 0:
             self.consts.add(node)
             return node.target(*tree_map(lambda a: self.value(a, depth - 1) if isinstance(a, fx.Node) else a,
@@ -181,6 +185,9 @@ def split_layer(ctx: PassContext, layer: int) -> int:
                   for role in "qkv" for form, rep in _forms(role, h, g)}
     matches = _match_region(fused, probe, candidates, attn_path)
     found_roles = {key[0] for _, key in matches}
+    if found_roles != set("qkv") and probe.meta_consts:
+        raise NotImplementedError(f"HF's split of {qkv_path} indexes with constants {probe.meta_consts} whose values a "
+                                  "capture on the meta device does not keep; trace this model on a real device")
     if found_roles != set("qkv"):
         raise LookupError(f"HF's split of {qkv_path} does not produce {sorted(set('qkv') - found_roles)} in the "
                           f"{spec.qkv_layout!r} layout (H={h}, Hkv={g}, dh={d}); is qkv_layout right?")
