@@ -5,11 +5,8 @@
      broadcast to H heads, transposes>          q' = hook_q(q) ; k' = hook_k(k) ; v' = hook_v(v)
     ... attention(q_hf, k_hf, v_hf)              ... attention(q'^T, repeat(k')^T, repeat(v')^T)
 
-The layout is data (``ArchSpec.qkv_layout``), with G = Hkv groups and R = H / Hkv query heads per group:
-    "contiguous": b s ((H + 2 G) d) -> b s (H + 2 G) d;  q, k, v = heads [0:H], [H:H+G], [H+G:H+2G]
-    "per_head":   b s (H 3 d)       -> b s H 3 d;        q, k, v = [..., 0, :], [..., 1, :], [..., 2, :]
-    "per_group":  b s (G (R+2) d)   -> b s G (R+2) d;    q = rearrange([..., :R, :], "b s g r d -> b s (g r) d"),
-                                                         k, v = [..., R, :], [..., R+1, :]
+The layout is data (``ArchSpec.qkv_layout``: "contiguous", "per_head", "per_group"; the einops forms are in
+``architectures/qkv_layouts.py``). The size check comes first: (H + 2*Hkv) * dh features or an error naming them.
 HF's split is not pattern-matched op by op. Instead every tensor HF derives from the fused output by
 shape-only ops is evaluated once on an index probe (a fused tensor whose entries are their own positions);
 a node whose probe equals q, k or v of the layout -- as [B,S,h,d] or [B,h,S,d], K/V possibly repeated to H
@@ -25,52 +22,14 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_map
 
+from ..architectures.qkv_layouts import layout_steps, split_eager
 from .base import PassContext, graph_pass
 from .graph_utils import hook_after, module_nodes, module_output, scoped_meta
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-LAYOUTS = ("contiguous", "per_head", "per_group")
 _ALIASES = {"q": "q.hook_out", "k": "k.hook_out", "v": "v.hook_out"}
 _CONST_OPS = {aten.lift_fresh_copy.default, aten.clone.default, aten.detach.default}
-
-
-def layout_steps(layout: str, n_heads: int, n_kv: int, d_head: int) -> tuple[tuple, dict[str, list]]:
-    """The layout as ops: (unflatten args, {role: [(op, args)...]}) taking [B,S,N] to q/k/v [B,S,h,dh]."""
-    if layout == "contiguous":
-        grid = [n_heads + 2 * n_kv, d_head]
-        parts = {"q": [(aten.slice.Tensor, (2, 0, n_heads))],
-                 "k": [(aten.slice.Tensor, (2, n_heads, n_heads + n_kv))],
-                 "v": [(aten.slice.Tensor, (2, n_heads + n_kv, n_heads + 2 * n_kv))]}
-    elif layout == "per_head":
-        if n_kv != n_heads:
-            raise ValueError(f"qkv_layout 'per_head' needs as many KV heads as query heads, got H={n_heads}, "
-                             f"Hkv={n_kv}")
-        grid = [n_heads, 3, d_head]
-        parts = {role: [(aten.select.int, (3, i))] for i, role in enumerate("qkv")}
-    elif layout == "per_group":
-        if n_heads % n_kv:
-            raise ValueError(f"qkv_layout 'per_group' needs H divisible by Hkv, got H={n_heads}, Hkv={n_kv}")
-        rep = n_heads // n_kv
-        grid = [n_kv, rep + 2, d_head]
-        parts = {"q": [(aten.slice.Tensor, (3, 0, rep)), (aten.flatten.using_ints, (2, 3))],
-                 "k": [(aten.select.int, (3, rep))], "v": [(aten.select.int, (3, rep + 1))]}
-    else:
-        raise ValueError(f"unknown qkv_layout {layout!r}; known: {', '.join(LAYOUTS)}")
-    return (-1, grid), parts
-
-
-def split_eager(fused: torch.Tensor, layout: str, n_heads: int, n_kv: int, d_head: int) -> dict[str, torch.Tensor]:
-    """q, k, v of ``fused`` [B,S,N] per the layout, computed eagerly (the probe and the tests use this)."""
-    unflat, parts = layout_steps(layout, n_heads, n_kv, d_head)
-    grid = aten.unflatten.int(fused, *unflat)
-    out = {}
-    for role, steps in parts.items():
-        x = grid
-        for op, args in steps:
-            x = op(x, *args)
-        out[role] = x
-    return out
 
 
 def _forms(role: str, n_heads: int, n_kv: int) -> list[tuple[str, bool]]:
