@@ -17,7 +17,7 @@ from transformers.models.gemma4.modeling_gemma4 import eager_attention_forward
 
 import fxbridge as bridge
 from conftest import traced
-from tiny import GEMMA4, eager_reference, left_padded, tokens
+from tiny import GEMMA4, build, eager_reference, left_padded, tokens
 
 TOL = 1e-5
 ARCH = "gemma4_text"
@@ -401,3 +401,29 @@ def test_variants_trace_exactly_with_the_hooks_they_have(variant):
     assert ("hook_logits" in gm.hook_dict) == (model.config.final_logit_softcapping is not None)
     if variant == "shared_kv_with_v_proj":
         assert shared == [4, 5] and model.model.layers[1].self_attn.v_proj is not None
+
+
+def test_gemma4_passes_match_nothing_elsewhere_and_fail_loudly_when_they_should_match():
+    from fxbridge.architectures import dims_from_config, get_spec
+    from fxbridge.passes import PASSES, PassContext, run_passes
+    from fxbridge.tracer import capture
+    model = build("llama")
+    captured = capture(model)
+    dims = dims_from_config(model.config)
+    ctx = PassContext(captured.graph, captured.root, get_spec(model), dims, model.config)
+    for name, key in (("alias_shared_kv", "n_kv_shared_layers"), ("hook_per_layer_embeddings", "d_per_layer_input"),
+                      ("hook_moe", "n_experts")):
+        assert PASSES[name].run(ctx) == 0  # a Llama graph has none of it: nothing matches, nothing changes
+        ctx.dims = dict(dims, **{key: 2})  # a config that claims the feature: the missing match is an error
+        with pytest.raises(bridge.PatternNotFound, match=name):
+            run_passes(ctx, [PASSES[name]])
+        ctx.dims = dims
+    captured.graph.lint()
+
+
+def test_per_layer_head_sizes_come_from_hfs_per_layer_config(g4):
+    from fxbridge.passes.hook_shared_qkv import layer_heads
+    model, _, gm = g4
+    assert [layer_heads(model.config, i) for i in range(5)] == [(4, 2, 16), (4, 2, 16), (4, 1, 32), (4, 2, 16),
+                                                                 (4, 1, 32)]
+    assert (gm.dims["n_kv_heads"], gm.dims["d_head"]) == (2, 16)  # model-wide dims: layer 0's values
