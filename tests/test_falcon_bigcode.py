@@ -262,3 +262,57 @@ def test_meta_device_per_head_layout_traces_and_index_constants_fail_loudly():
         else:  # HF indexes with [-2] / [-1]: their values are lost on meta, so the split cannot be verified
             with pytest.raises(bridge.PatternNotFound, match="meta device"):
                 bridge.trace(model)
+
+
+class _ToyEagerAttention(nn.Module):
+    """Falcon's ALiBi branch in miniature: (q k^T + bias) * scale, + mask, softmax over `dim`, @ v."""
+
+    def __init__(self, dim=-1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, q, k, v, bias, mask):
+        scores = (q @ k.transpose(-1, -2) + bias) * 0.5
+        return torch.softmax(scores + mask, dim=self.dim, dtype=torch.float32) @ v
+
+
+class _ToyAttentionModel(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Module()])
+        self.layers[0].attn = _ToyEagerAttention(dim)
+
+    def forward(self, *args):
+        return self.layers[0].attn(*args)
+
+
+def _toy_attention_graph(dim=-1):
+    torch.manual_seed(0)
+    args = (torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 1, 5),
+            torch.randn(2, 1, 5, 5))
+    return torch.export.export(_ToyAttentionModel(dim), args, strict=False).module(), args
+
+
+def _run_capture(gm, drop_pre_scale_bias=False):
+    spec = ArchSpec(**{**TOY_SPEC.__dict__, "drop_pre_scale_bias": drop_pre_scale_bias})
+    dims = dict(n_layers=1, n_heads=4, n_kv_heads=4, d_head=8, d_model=32, d_vocab=1)
+    return run_passes(PassContext(gm.graph, gm, spec, dims, None), [PASSES["capture_eager_attention"]])
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_capture_pass_on_a_toy_graph_makes_one_attention_node(drop):
+    gm, (q, k, v, bias, mask) = _toy_attention_graph()
+    assert _run_capture(gm, drop)[0].matches == 1
+    gm.recompile()
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.fxbridge.attention.default) == 1
+    assert torch.ops.aten.softmax.int not in ops
+    scores = (q @ k.transpose(-1, -2) + (0 if drop else bias)) * 0.5 + mask  # drop: HF's bias-in-mask branch
+    want = torch.softmax(scores, dim=-1) @ v
+    torch.testing.assert_close(gm(q, k, v, bias, mask), want)
+
+
+def test_capture_pass_refuses_a_softmax_over_the_wrong_dim():
+    gm, _ = _toy_attention_graph(dim=1)
+    with pytest.raises(bridge.PatternNotFound, match="over dim 1"):
+        _run_capture(gm)

@@ -117,6 +117,7 @@ def _scaled_term(graph, term: fx.Node, coef: float) -> fx.Node:
 
 
 def capture_layer(ctx: PassContext, layer: int) -> None:
+    """Find one layer's softmax, parse its scores and pattern @ v, and put the attention node in their place."""
     spec, dims, graph = ctx.spec, ctx.dims, ctx.graph
     attn_path = spec.layer(layer, spec.attn)
     nodes = module_nodes(graph, attn_path)
@@ -152,7 +153,7 @@ def _erase_unused(graph, roots) -> None:
     todo = list(roots)
     while todo:
         node = todo.pop()
-        if node.users or node.op != "call_function" or node.graph is not graph:
+        if node._erased or node.users or node.op != "call_function":
             continue
         inputs = node.all_input_nodes
         graph.erase_node(node)
