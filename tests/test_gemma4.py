@@ -427,3 +427,20 @@ def test_per_layer_head_sizes_come_from_hfs_per_layer_config(g4):
     assert [layer_heads(model.config, i) for i in range(5)] == [(4, 2, 16), (4, 2, 16), (4, 1, 32), (4, 2, 16),
                                                                  (4, 1, 32)]
     assert (gm.dims["n_kv_heads"], gm.dims["d_head"]) == (2, 16)  # model-wide dims: layer 0's values
+
+
+def test_bfloat16_graph_shape_is_handled_too():
+    """In bf16 HF's ``.float()`` in the norms copies, so v_norm reads the k projection directly (fp32: via k_norm)."""
+    model = build(ARCH).to(torch.bfloat16)
+    ref = eager_reference(model)
+    gm = bridge.trace(model)
+    ids = tokens(2, 9)
+    with torch.no_grad():
+        expected = ref(ids).logits
+        for i in range(5):
+            gm.get_submodule(f"blocks.{i}.attn").force_eager = True
+        got, cache = gm.run_with_cache(ids, names_filter=[f"blocks.{FULL}.attn.hook_k", f"blocks.{FULL}.attn.hook_v",
+                                                          f"blocks.{FULL}.moe.hook_routing_weights"])
+    assert torch.equal(got, expected)  # HF's eager computation, op for op
+    assert torch.equal(cache["k", FULL], cache["v", FULL]) and cache["v", FULL].dtype == torch.bfloat16
+    assert cache[f"blocks.{FULL}.moe.hook_routing_weights"].shape == (2, 9, 2)

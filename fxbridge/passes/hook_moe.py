@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .base import PassContext, graph_pass
-from .graph_utils import hook_after, hook_viewed, in_module, module_inputs, module_nodes, module_output, single
+from .graph_utils import hook_after, hook_viewed, module_inputs, module_nodes, module_output, single
 
 aten = torch.ops.aten
 _SOFTMAX = {aten.softmax.int, aten._softmax.default}
@@ -32,17 +32,15 @@ def _getitem(node, index: int):
                   f"item {index} of {node.name}")
 
 
-def _batch_seq(graph, router_path: str, layer: str):
-    """Symbolic B and S, read from the [B,S,D] residual that HF flattens into the router's input."""
+def _batch_seq(graph, router_path: str):
+    """Symbolic B and S of the token ids (HF flattens the [B,S,D] residual into the router's [B*S,D] input)."""
     flat = single(module_inputs(graph, router_path), f"input of {router_path}")
-    resid = flat.args[0]
-    if _rank(resid) != 3:
-        raise LookupError(f"the input of {router_path} is not a flattened [B,S,D] residual")
+    ids = single([n for n in graph.nodes if n.op == "placeholder" and n.name == "input_ids"], "input_ids placeholder")
     with graph.inserting_before(flat):
-        b = graph.call_function(aten.sym_size.int, (resid, 0))
-        s = graph.call_function(aten.sym_size.int, (resid, 1))
+        b = graph.call_function(aten.sym_size.int, (ids, 0))
+        s = graph.call_function(aten.sym_size.int, (ids, 1))
     for n in (b, s):
-        n.meta["nn_module_stack"] = {k: v for k, v in flat.meta.get("nn_module_stack", {}).items()}
+        n.meta["nn_module_stack"] = dict(flat.meta.get("nn_module_stack", {}))
     return b, s
 
 
@@ -56,7 +54,7 @@ def hook_moe(ctx: PassContext) -> int:
         logits = module_output(graph, f"{router}.proj")
         if logits is None:
             continue
-        b, s = _batch_seq(graph, router, layer)
+        b, s = _batch_seq(graph, router)
         tokens = ((aten.unflatten.int, (0, [b, s])), (aten.flatten.using_ints, (0, 1)))
         probs = single([u for u in logits.users if u.target in _SOFTMAX], f"router softmax of {router}")
         indices = _getitem(single([u for u in probs.users if u.target in _TOPK], f"top-k of {router}"), 1)
