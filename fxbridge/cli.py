@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())
         print(f"fxbridge: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `fxbridge inspect ... | head`: the reader left; not an error
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("fxbridge: interrupted", file=sys.stderr)
         return 130

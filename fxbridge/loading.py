@@ -63,13 +63,13 @@ def load_model(source: str | Path, *, device: str | torch.device = "cpu", dtype=
     if path.is_file():
         return build_from_config(path, seed=seed, device=device, dtype=dtype, meta=meta)
     if path.is_dir():
+        if meta and (path / "config.json").is_file():  # the structure is all a meta model needs
+            return build_from_config(path / "config.json", seed=seed, dtype=dtype, meta=True)
         if not any(next(path.glob(p), None) for p in _WEIGHTS):
             if (path / "config.json").is_file():
                 raise ModelLoadError(f"{text!r} has a config.json but no weights; pass {str(path / 'config.json')!r} "
                                      "for a random-weight model of that architecture")
             raise ModelLoadError(f"{text!r} is a directory with neither weights nor a config.json")
-        if meta:
-            return build_from_config(path / "config.json", seed=seed, dtype=dtype, meta=True)
         return _from_pretrained(text, device, dtype, hub=False)
     if _looks_like_path(text) or not _HUB_ID.match(text):
         raise ModelLoadError(f"no such file or directory: {text!r} (expected a config.json, a checkpoint "

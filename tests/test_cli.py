@@ -104,3 +104,20 @@ def test_loading_builds_what_the_config_says(config_json):
     same = load_model(config_json, seed=0)
     again = load_model(config_json, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(same.parameters(), again.parameters()))
+
+
+def test_loading_a_checkpoint_directory_keeps_its_weights(tmp_path):
+    import torch
+    from fxbridge.errors import ModelLoadError
+    from fxbridge.loading import load_model
+    from tiny import build
+    model = build("llama")
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    loaded = load_model(tmp_path / "ckpt")
+    for (name, p), q in zip(model.named_parameters(), loaded.parameters()):
+        assert torch.equal(p, q), name
+    (tmp_path / "bare").mkdir()
+    CONFIGS["llama"]().to_json_file(str(tmp_path / "bare" / "config.json"))
+    with pytest.raises(ModelLoadError, match="no weights"):
+        load_model(tmp_path / "bare")
+    assert {p.device.type for p in load_model(tmp_path / "bare", meta=True).parameters()} == {"meta"}
