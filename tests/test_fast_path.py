@@ -2,6 +2,7 @@
 
 Paths are checked by counting calls (torch profiler, or a wrapper around the SDPA call), never by the clock.
 """
+import copy
 from unittest import mock
 
 import pytest
@@ -190,3 +191,69 @@ def test_trace_on_meta_device():
     assert all(p.is_meta for p in gm.parameters())
     out = gm(torch.zeros(2, 5, dtype=torch.long, device="meta"))
     assert out.is_meta and out.shape == (2, 5, config.vocab_size)
+
+
+def _deeper(config, n_layers: int):
+    """The same config with ``n_layers`` layers, per-layer lists (layer_types) repeated to that length."""
+    old = config.num_hidden_layers
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == old:
+            setattr(config, key, (value * n_layers)[:n_layers])
+    config.num_hidden_layers = n_layers
+    return config
+
+
+def _model(config, seed=0):
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("make,n_layers,period", [
+    (lambda: tf.LlamaConfig(**COMMON), 5, 1),
+    (lambda: tf.Gemma2Config(**dict(COMMON, num_hidden_layers=2, sliding_window=4, query_pre_attn_scalar=20,
+                                    layer_types=["sliding_attention", "full_attention"]),
+                             attn_logit_softcapping=5.0, final_logit_softcapping=3.0), 6, 2),
+], ids=["llama", "gemma2"])
+def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, period):
+    from fxbridge.tracer import capture
+    model = _model(_deeper(make(), n_layers))
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    captured = capture(model)
+    assert captured.notes[0].startswith(f"stitched: captured {2 * period} of {n_layers} layers")
+    stitched = bridge.trace(model)
+    monkeypatch.setenv("FXBRIDGE_STITCH", "0")
+    assert capture(model).notes == ["captured every layer"]
+    full = bridge.trace(model)
+    assert list(stitched.hook_dict) == list(full.hook_dict)
+    ops = lambda gm: [(n.op, str(n.target)) for n in gm.graph.nodes if n.op != "get_attr"]
+    assert ops(stitched) == ops(full)
+    ids, mask = left_padded(3, 10, pads=[0, 2, 5])
+    with torch.no_grad():
+        a, b = stitched(ids, attention_mask=mask), full(ids, attention_mask=mask)
+        expected = ref(ids, attention_mask=mask).logits
+    assert torch.equal(a, b)
+    assert (a - expected)[mask.bool()].abs().max().item() < TOL
+    # the stitched layers read their own weights: an edit to the last layer changes only the stitched result's tail
+    with torch.no_grad():
+        model.get_submodule(f"model.layers.{n_layers - 1}.mlp.down_proj").weight.mul_(2.0)
+        ref.get_submodule(f"model.layers.{n_layers - 1}.mlp.down_proj").weight.mul_(2.0)
+        assert (stitched(ids, attention_mask=mask) - ref(ids, attention_mask=mask).logits)[mask.bool()].abs().max() < TOL
+
+
+def test_layers_whose_code_depends_on_their_index_are_not_stitched():
+    from fxbridge.tracer import capture
+    config = tf.GPT2Config(vocab_size=101, n_embd=64, n_layer=4, n_head=4, n_positions=64, bos_token_id=0,
+                           eos_token_id=0, scale_attn_by_inverse_layer_idx=True)
+    model = _model(config)
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("eager")
+    assert capture(model).notes == ["captured every layer"]  # layer i divides its scores by i + 1
+    gm = bridge.trace(model)
+    ids = tokens(2, 7)
+    with torch.no_grad():
+        assert (gm(ids) - ref(ids).logits).abs().max().item() < TOL

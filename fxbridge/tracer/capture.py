@@ -18,6 +18,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import CaptureError
 from .attention_op import capture_attention
+from .stitch import capture_stitched
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +134,16 @@ def _unlift(ep, model) -> tuple[torch.nn.Module, fx.Graph]:
 def capture(model, *, batch: int = 2, seq: int = 7) -> Captured:
     """Capture ``model`` into a graph whose get_attr nodes point at the model's own parameters."""
     start = time.perf_counter()
-    ep = export_model(model, batch=batch, seq=seq)
-    root, graph = _unlift(ep, model)
+    stitched = capture_stitched(model, export_model, _unlift, batch=batch, seq=seq)
+    if stitched is not None:
+        root, graph, notes = stitched
+    else:
+        ep = export_model(model, batch=batch, seq=seq)
+        root, graph = _unlift(ep, model)
+        notes = ["captured every layer"]
     seconds = time.perf_counter() - start
-    log.info("captured %s in %.1fs (%d nodes)", type(model).__name__, seconds, len(graph.nodes))
-    return Captured(root=root, graph=graph, seconds=seconds, example_shape=(batch, seq))
+    log.info("captured %s in %.1fs (%d nodes; %s)", type(model).__name__, seconds, len(graph.nodes), notes[0])
+    return Captured(root=root, graph=graph, seconds=seconds, example_shape=(batch, seq), notes=notes)
 
 
 def module_path(node: fx.Node) -> str:
