@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) -m fxbridge bench
+	$(PY) -m fxbridge bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -280,11 +280,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 20 on cuda, 15 on cpu")
     parser.add_argument("--meta-trace", action=argparse.BooleanOptionalAction, default=True,
                         help="also time trace() of the real-shape config on the meta device (suite entries)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="write the results to this path as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     on_cuda = device.type == "cuda"
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
     variant = args.variant or ("full" if on_cuda else "cpu")
