@@ -201,6 +201,7 @@ def bench_model(name: str, model, *, batch: int, seq: int, warmup: int, repeats:
         start = time.perf_counter()
         gm = trace(model)
         row["trace_s"] = time.perf_counter() - start
+        row["capture_notes"] = list(getattr(gm.report, "capture_notes", []))
     except UnsupportedArchitecture:
         row["skipped"] = f"model_type {model.config.model_type!r} is not supported yet"
         return row
@@ -234,8 +235,9 @@ def meta_trace(config, dtype) -> dict:
     try:
         model = build_model(config, dtype=dtype, meta=True)
         start = time.perf_counter()
-        trace(model)
-        return {"meta_trace_s": time.perf_counter() - start, "meta_layers": int(config.num_hidden_layers)}
+        gm = trace(model)
+        return {"meta_trace_s": time.perf_counter() - start, "meta_layers": int(config.num_hidden_layers),
+                "meta_capture_notes": list(getattr(gm.report, "capture_notes", []))}
     except Exception as exc:
         return {"meta_trace_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
 

@@ -21,9 +21,11 @@ class TraceReport:
     capture_seconds: float
     passes: list[PassResult] = field(default_factory=list)
     total_seconds: float = 0.0
+    capture_notes: list[str] = field(default_factory=list)  # e.g. "stitched: captured 2 of 26 layers (period 1)"
 
     def __str__(self) -> str:
         lines = [f"{self.model_type}: traced in {self.total_seconds:.2f}s (capture {self.capture_seconds:.2f}s)"]
+        lines += [f"  {note}" for note in self.capture_notes]
         lines += [f"  {r.name:<18} {r.matches:>4} matches  {r.seconds * 1000:7.1f} ms" for r in self.passes]
         return "\n".join(lines)
 
@@ -62,7 +64,7 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
     ctx = PassContext(captured.graph, captured.root, spec, dims, model.config)
     names = spec.passes + (("hook_attn_result",) if use_attn_result else ())
     results = run_passes(ctx, [PASSES[name] for name in names], progress=say)
-    report = TraceReport(spec.model_type, captured.seconds, results)
+    report = TraceReport(spec.model_type, captured.seconds, results, capture_notes=list(captured.notes))
     gm = HookedGraphModule(captured.root, captured.graph, spec=spec, dims=dims, aliases=ctx.aliases, report=report)
     report.total_seconds = time.perf_counter() - start
     if say:
