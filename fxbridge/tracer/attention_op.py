@@ -32,13 +32,15 @@ def eager_attention(q, k, v, mask, scaling: float, softcap: Optional[float], sco
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
-    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    # In-place on tensors made right here (same values as HF's out-of-place ops): one [B,H,Sq,Sk] buffer fewer
+    # at peak. Nothing has seen `scores` yet at either in-place step (the pre-cap hook sees it before tanh).
+    scores = torch.matmul(q, k.transpose(2, 3)).mul_(scaling)
     if softcap is not None:
         if pre_cap_hook is not None:
             scores = pre_cap_hook(scores)
         scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
-        scores = scores + mask
+        scores = scores.add_(mask) if mask.dtype == scores.dtype else scores + mask
     if scores_hook is not None:
         scores = scores_hook(scores)
     pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
