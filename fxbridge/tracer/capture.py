@@ -5,6 +5,15 @@ them (DESIGN.md). The exported program lifts parameters and buffers to placehold
 back into ``get_attr`` nodes that point into the HF model (``hf.<fqn>``), so nothing is copied and the
 module stays tied to the HF weights. Batch and sequence are dynamic dims, so one capture serves every shape.
 Each node keeps ``meta["nn_module_stack"]`` (the HF module path it came from), which the passes use.
+
+Depth: when the decoder layers repeat with a short period, only two periods are captured and the rest is
+stitched (stitch.py); otherwise every layer is captured. ``Captured.notes`` says which happened.
+
+Meta device: a model built under ``torch.device("meta")`` traces like any other (no weight is materialised),
+which gives the graph and hook table of a large model in seconds. The traced module then holds meta weights:
+it runs on meta tensors (shapes and dtypes only). The graph bakes the capture device into a few constants
+(``arange(..., device=meta)``), so after materialising the weights (``to_empty`` + ``load_state_dict``),
+trace the model again on its real device.
 """
 from __future__ import annotations
 
