@@ -256,7 +256,8 @@ def format_table(rows: list[dict]) -> str:
             continue
         cells = [r["model"], r["device"], f"{r['batch']}x{r['seq']}", f"{r['ms']['hf']:.2f}"]
         cells += [f"{r['ratio'][c]:.2f}" if c in r["ratio"] else "-" for c in cols if c != "hf"]
-        cells += [f"{r['trace_s']:.2f}", f"{r['meta_trace_s']:.2f}" if "meta_trace_s" in r else "-",
+        meta = f"{r['meta_trace_s']:.2f}" if "meta_trace_s" in r else ("err" if "meta_trace_error" in r else "-")
+        cells += [f"{r['trace_s']:.2f}", meta,
                   f"{r['max_abs_diff']:.1e}"]
         if has_mem and "peak_mb" in r:
             cells += [f"{r['peak_mb']['hf']:.0f}", f"{r['peak_mb']['cache_all']:.0f} ({r['cache_all_mb']:.0f})"]
@@ -264,7 +265,9 @@ def format_table(rows: list[dict]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(head, *[c for c in lines if len(c) == len(head)])]
     fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)) if len(cells) == len(head) \
         else "  ".join(cells[:3]) + "  " + cells[3]
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+    notes = [f"{r['model']}: meta trace failed: {r['meta_trace_error']}" for r in rows if "meta_trace_error" in r]
+    notes += [f"{r['model']}: {note}" for r in rows for note in r.get("capture_notes", [])]
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines), *notes])
 
 
 # --------------------------------------------------------------------------------------------------- CLI
