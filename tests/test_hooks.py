@@ -152,3 +152,11 @@ def test_hook_points_carry_their_names(trio, name):
     seen = []
     gm.run_with_hooks(tokens(1, 3), fwd_hooks=[(name, lambda t, hook: seen.append(hook.name))])
     assert seen == [name]
+
+
+def test_hook_dict_lists_hooks_in_firing_order(trio):
+    """hook_dict (and so the hook table) is in the order the hooks fire when all of them are hooked."""
+    _, _, gm = trio
+    fired = []
+    gm.run_with_hooks(tokens(1, 4), fwd_hooks=[(lambda name: True, lambda t, hook: fired.append(hook.name))])
+    assert fired == list(gm.hook_dict)

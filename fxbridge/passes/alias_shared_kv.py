@@ -15,6 +15,8 @@ from .graph_utils import stack_paths
 
 ATTENTION_OP = torch.ops.fxbridge.attention.default
 aten = torch.ops.aten
+# Moves a reading layer may apply to the reused tensors (transformers 5.17 writes ``key_states.to(q.device)``).
+_MOVES = {aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default}
 
 
 def layer_of(node, spec) -> int | None:
@@ -26,14 +28,23 @@ def layer_of(node, spec) -> int | None:
     return None
 
 
+def _reused(node, spec, reader: int):
+    """The tensor a layer reads, looking through device moves made inside that reading layer."""
+    while node.op == "call_function" and node.target in _MOVES and layer_of(node, spec) == reader:
+        node = node.args[0]
+    return node
+
+
 @graph_pass(expects=lambda spec, dims: dims.get("n_kv_shared_layers", 0))
 def alias_shared_kv(ctx: PassContext) -> int:
     """Alias reused keys inside the KV-shared layer that reads them."""
     graph, spec = ctx.graph, ctx.spec
     found = 0
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target == ATTENTION_OP]:
-        q, k, v = node.args[:3]
-        reader, owner = layer_of(node, spec), layer_of(k, spec)
+        q, read_k, read_v = node.args[:3]
+        reader = layer_of(node, spec)
+        k, v = _reused(read_k, spec, reader), _reused(read_v, spec, reader)
+        owner = layer_of(k, spec)
         if owner == reader:
             continue
         if owner is None or owner > reader or layer_of(v, spec) != owner:
@@ -44,6 +55,9 @@ def alias_shared_kv(ctx: PassContext) -> int:
         alias.meta.update({key: node.meta[key] for key in ("nn_module_stack",) if key in node.meta})
         alias.meta["val"] = k.meta.get("val")
         alias.meta["fxbridge_shared_kv_from"] = owner
-        node.replace_input_with(k, alias)
+        node.args = (q, alias, v, *node.args[3:])
+        for moved in {read_k, read_v} - {k, v}:  # same-device moves now unused
+            if not moved.users:
+                graph.erase_node(moved)
         found += 1
     return found

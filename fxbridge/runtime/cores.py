@@ -26,10 +26,10 @@ class AttentionCore(FastCallModule):
         super().__init__()
         self.scaling, self.softcap, self.layer = float(scaling), softcap, layer
         self.force_eager = False
+        if softcap is not None:  # children in firing order: hook_dict lists a core's points in this order
+            self.hook_attn_scores_pre_cap = HookPoint(shape=("B", "H", "S", "S"))
         self.hook_attn_scores = HookPoint(shape=("B", "H", "S", "S"))
         self.hook_pattern = HookPoint(shape=("B", "H", "S", "S"))
-        if softcap is not None:
-            self.hook_attn_scores_pre_cap = HookPoint(shape=("B", "H", "S", "S"))
 
     def needs_eager(self) -> bool:
         """True when this layer must materialise scores/pattern (a hook on them, softcap, or forced)."""
