@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 import fxbridge as bridge
 from conftest import traced
 from fxbridge.runtime import cores
-from tiny import COMMON, left_padded, tokens
+from tiny import COMMON, build_from_config, left_padded, tokens
 
 TOL = 1e-5
 
@@ -203,13 +203,6 @@ def _deeper(config, n_layers: int):
     return config
 
 
-def _model(config, seed=0):
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
 
 
 @pytest.mark.parametrize("make,n_layers,period", [
@@ -220,7 +213,7 @@ def _model(config, seed=0):
 ], ids=["llama", "gemma2"])
 def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, period):
     from fxbridge.tracer import capture
-    model = _model(_deeper(make(), n_layers))
+    model = build_from_config(_deeper(make(), n_layers))
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")
     captured = capture(model)
@@ -249,7 +242,7 @@ def test_layers_whose_code_depends_on_their_index_are_not_stitched():
     from fxbridge.tracer import capture
     config = tf.GPT2Config(vocab_size=101, n_embd=64, n_layer=4, n_head=4, n_positions=64, bos_token_id=0,
                            eos_token_id=0, scale_attn_by_inverse_layer_idx=True)
-    model = _model(config)
+    model = build_from_config(config)
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")
     assert capture(model).notes == ["captured every layer"]  # layer i divides its scores by i + 1

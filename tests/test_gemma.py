@@ -19,7 +19,7 @@ from fxbridge.errors import PatternNotFound
 from fxbridge.passes import PassContext, run_passes
 from fxbridge.passes.hook_final_softcap import hook_final_softcap, match_softcap
 from fxbridge.runtime.hook_point import HookPoint
-from tiny import CONFIGS, build, eager_reference, tokens
+from tiny import CONFIGS, build, build_from_config, eager_reference, tokens
 
 TOL = 1e-5
 aten = torch.ops.aten
@@ -60,19 +60,11 @@ def test_tiny_gemma2_softcaps_really_change_the_output(cap):
     ids = tokens(2, 9)
     config = CONFIGS["gemma2"]()
     setattr(config, cap, None)
-    uncapped = eager_reference(_build_from(config))
+    uncapped = eager_reference(build_from_config(config))
     with torch.no_grad():
         assert (uncapped(ids).logits - ref(ids).logits).abs().max().item() > 0.1
 
 
-def _build_from(config, seed: int = 0):
-    """Like tiny.build, for a config changed by the test (same seed, so the same weights)."""
-    torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
 
 
 # ---------------------------------------------------------------------------------------------- embedding, norms
@@ -218,7 +210,7 @@ def test_uncapped_gemma2_has_no_softcap_hooks_and_matches_hf():
     config = CONFIGS["gemma2"]()
     config.attn_logit_softcapping = None
     config.final_logit_softcapping = None
-    model = _build_from(config)
+    model = build_from_config(config)
     ref = eager_reference(model)
     gm = bridge.trace(model)
     assert gm.spec.final_softcap_config is None

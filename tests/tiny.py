@@ -116,16 +116,22 @@ def _gemma4_weights(model) -> None:
 ADJUST = {"gemma4_text": _gemma4_weights}
 
 
-def build(arch: str, seed: int = 0, attn_implementation: str | None = None) -> torch.nn.Module:
+def build_from_config(config, seed: int = 0) -> torch.nn.Module:
+    """A random-weight model for ``config``; the same seed gives the same weights."""
     torch.manual_seed(seed)
-    config = CONFIGS[arch]()
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     # Random-init norms are all ones; perturb every parameter so norm weights and biases matter.
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def build(arch: str, seed: int = 0, attn_implementation: str | None = None) -> torch.nn.Module:
+    config = CONFIGS[arch]()
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    model = build_from_config(config, seed)
     if arch in ADJUST:
         ADJUST[arch](model)
     return model
