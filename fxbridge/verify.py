@@ -7,6 +7,7 @@ logits, if every layer agrees -- is named in a ``VerificationError`` with the fi
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -37,7 +38,8 @@ def verify(gm, model: torch.nn.Module | None = None, *, batch: int = 2, seq: int
     ids = torch.randint(0, int(gm.dims["d_vocab"]), (batch, seq), generator=gen).to(device)
     mask = torch.ones_like(ids)
 
-    hf_out = _hf_layer_outputs(model, gm.spec.layers, ids, mask)
+    with _reference_attention(model):
+        hf_out = _hf_layer_outputs(model, gm.spec.layers, ids, mask)
     names = [f"blocks.{i}.hook_resid_post" for i in range(len(hf_out["layers"]))]
     names = [n for n in names if n in gm.hook_dict]
     with torch.no_grad():
@@ -59,6 +61,28 @@ def verify(gm, model: torch.nn.Module | None = None, *, batch: int = 2, seq: int
             raise VerificationError(f"{name} (vs {what})", diff, bound, details)
     log.info("verify: %d points agree, max diff %.2e", len(diffs), max(diffs.values()))
     return diffs
+
+
+@contextlib.contextmanager
+def _reference_attention(model):
+    """Run HF with eager attention where its configured kernel silently drops a feature of the model.
+
+    transformers releases before 5.2x default Gemma 2 to sdpa, whose kernel ignores ``attn_logit_softcapping``
+    (later releases refuse sdpa for it); the model's attention -- HF eager, and fxbridge's trace -- applies the cap.
+    The switch is undone afterwards.
+    """
+    config = model.config
+    switch = getattr(config, "attn_logit_softcapping", None) is not None and config._attn_implementation == "sdpa"
+    if not switch:
+        yield
+        return
+    log.warning("verify: %s runs sdpa, which ignores attn_logit_softcapping; comparing with HF eager attention",
+                type(model).__name__)
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
 
 
 def _hf_layer_outputs(model, layers_path: str, ids, mask) -> dict:

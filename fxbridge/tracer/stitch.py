@@ -5,7 +5,8 @@ Decoder layers of one model run the same code, so fxbridge captures a *shallow* 
 
     1. Give each layer a kind (its class, parameter names/shapes/dtypes, plain attributes of its submodules,
        its entries in per-layer config lists such as ``layer_types``); find the period p of the kinds.
-    2. Build the same model class with 2p layers on the meta device (no weights) and capture it.
+    2. Build the same model class with 2p layers (on the meta device, then given the model's own weights) and
+       capture it.
     3. Check that layer t and layer t+p captured to the same ops with the same constants (only the
        ``layer_idx`` of the attention op may differ) and read the same shared values (masks, rotary tables) --
        a layer whose code depends on its index (GPT-2's ``scale_attn_by_inverse_layer_idx``), a layer that
@@ -71,7 +72,8 @@ def period(kinds: list) -> int:
 
 
 def shallow_model(model, n_layers: int, path: str):
-    """The model's class with its first ``n_layers`` layers, on the meta device, dtypes copied from ``model``."""
+    """The model's class with its first ``n_layers`` layers, built on the meta device and then given the model's own
+    parameters and buffers (the same tensors, not copies), so constants the capture computes keep their values."""
     config = copy.deepcopy(model.config)
     total = config.num_hidden_layers
     for key, value in list(vars(config).items()):
@@ -90,8 +92,7 @@ def shallow_model(model, n_layers: int, path: str):
                     continue
                 if value is None or ref is None or tuple(ref.shape) != tuple(value.shape):
                     raise _Refuse(f"{name}.{key} differs between the model and its shallow copy")
-                new = torch.empty_like(ref, device="meta")
-                getattr(mod, table)[key] = torch.nn.Parameter(new, ref.requires_grad) if table == "_parameters" else new
+                getattr(mod, table)[key] = ref
     return shallow
 
 
@@ -279,6 +280,17 @@ def _fix_devices(graph: fx.Graph, device: torch.device) -> None:
         n.kwargs = fx.node.map_aggregate(n.kwargs, fix)
 
 
+def _prologue_constants(root, graph: fx.Graph, path: str) -> dict[str, torch.Tensor]:
+    """Tensor constants the capture lifted onto its root (transformers 5.17's mask code makes one), provided no
+    decoder layer reads them: layers are re-emitted from templates, the prologue and epilogue are kept as they are."""
+    constants = dict(root.named_buffers(recurse=False))
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target in constants:
+            if any(_layer_of(user, path + ".") is not None for user in node.users):
+                raise _Refuse(f"decoder layers read the constant {node.target}")
+    return constants
+
+
 def capture_stitched(model, export_model, unlift, *, batch: int, seq: int):
     """(root, graph, notes) of a depth-flat capture of ``model``, or None when stitching does not apply."""
     if not enabled():
@@ -299,8 +311,9 @@ def capture_stitched(model, export_model, unlift, *, batch: int, seq: int):
                 raise _Refuse(f"layer {j} of the shallow copy differs from the model's")
         ep = export_model(shallow, batch=batch, seq=seq)
         root, graph = unlift(ep, shallow)
-        if any(name != "hf" for name, _ in root.named_children()) or any(True for _ in root.buffers(recurse=False)):
-            raise _Refuse("the capture holds constants or submodules of its own")
+        if any(name != "hf" for name, _ in root.named_children()):
+            raise _Refuse("the capture holds submodules of its own")
+        constants = _prologue_constants(root, graph, path)
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
         graph = stitch(graph, path, len(layers), p, device)
         graph.lint()
@@ -309,5 +322,7 @@ def capture_stitched(model, export_model, unlift, *, batch: int, seq: int):
         return None
     root = torch.nn.Module()
     root.add_module("hf", model)
+    for name, value in constants.items():
+        root.register_buffer(name, value, persistent=False)
     note = f"stitched: captured {2 * p} of {len(layers)} layers (period {p}) in {time.perf_counter() - start:.1f}s"
     return root, graph, [note]
