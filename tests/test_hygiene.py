@@ -68,3 +68,23 @@ def test_permanent_hooks_survive_reset(trio):
     gm.reset_hooks(including_permanent=True)
     gm(tokens(1, 3))
     assert seen == [1]
+
+
+def test_deepcopy_gives_an_independent_traced_module():
+    import copy
+    from conftest import traced
+    _, _, gm = traced("llama")
+    ids = tokens(2, 5)
+    twin = copy.deepcopy(gm)
+    assert isinstance(twin, bridge.HookedGraphModule) and set(twin.hook_dict) == set(gm.hook_dict)
+    assert twin.hf is not gm.hf
+    with torch.no_grad():
+        assert torch.equal(twin(ids), gm(ids))
+        seen = []
+        twin.add_hook("blocks.0.hook_resid_post", lambda t, hook: seen.append(hook.name))
+        gm(ids)
+        assert seen == []  # hooks on the copy are the copy's
+        twin(ids)
+        assert seen == ["blocks.0.hook_resid_post"]
+        twin.hf.lm_head.weight.mul_(2.0)  # weights are the copy's too
+        assert not torch.equal(twin(ids), gm(ids))

@@ -9,6 +9,7 @@ ends, also when a hook raises. ``stop_at_layer=k`` runs a copy of the graph cut 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -71,6 +72,19 @@ class HookedGraphModule(fx.GraphModule):
                 return self._fx_forward(input_ids, attention_mask)
             return self._graph_forward(input_ids, attention_mask)
         return self._truncated_module(stop_at_layer)(input_ids, attention_mask)
+
+    def __deepcopy__(self, memo):
+        """An independent traced module: the HF model (weights included), hook points and attached hooks copied."""
+        root = torch.nn.Module()
+        for name, child in self.named_children():
+            root.add_module(name, copy.deepcopy(child, memo))
+        for name, buf in self.named_buffers(recurse=False):
+            root.register_buffer(name, copy.deepcopy(buf, memo), persistent=False)
+        for node in self.graph.nodes:  # non-tensor constants the graph reads from the root
+            if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
+                setattr(root, node.target, copy.deepcopy(getattr(self, node.target), memo))
+        return HookedGraphModule(root, copy.deepcopy(self.graph, memo), spec=self.spec, dims=self.dims,
+                                 aliases=self.aliases, report=self.report)
 
     def _truncated_module(self, layer: int) -> fx.GraphModule:
         n = self.dims["n_layers"]
