@@ -23,16 +23,15 @@ Where each Gemma 4 convention is handled (the README's conventions table has one
   ``resid_post = layer_scalar * (resid_mid + mlp_out + ple_out)`` (resid_post is HF's layer output).
 - Final-logit softcap: ``hook_unembed`` before it, ``hook_logits`` after (``hook_final_softcap``).
 """
-from .spec import ArchSpec
+from dataclasses import replace
 
-GEMMA4_TEXT = ArchSpec(
+from .gemma import GEMMA3_TEXT
+
+# Gemma 3's sandwich norms and final softcap; the Gemma-4-only passes around them.
+GEMMA4_TEXT = replace(
+    GEMMA3_TEXT,
     model_types=("gemma4_text",),
     family="Gemma 4 (text)",
-    ln1="input_layernorm",
-    ln1_post="post_attention_layernorm",
-    ln2="pre_feedforward_layernorm",
-    ln2_post="post_feedforward_layernorm",
-    final_softcap_config="final_logit_softcapping",
     notes="sandwich norms; q/k/v norms; KV sharing; k=v attention; per-layer embeddings; MoE; layer_scalar",
     passes=("hook_embeddings", "alias_shared_kv", "hook_attention", "route_shared_kv", "hook_shared_qkv", "hook_mlp",
             "hook_norms", "hook_residual", "hook_per_layer_embeddings", "hook_moe", "hook_unembed",
