@@ -7,7 +7,7 @@
 """
 from .architectures import supported_architectures
 from .errors import (CaptureError, FxBridgeError, HookShapeError, MissingDependency, ModelLoadError, NotTracedError,
-                     PatternNotFound, UnsupportedArchitecture, VerificationError)
+                     PatternNotFound, UnsupportedArchitecture, UsageError, VerificationError)
 from .export import export, to_networkx
 from .runtime import ActivationCache, HookedGraphModule, HookPoint, get_act_name
 from .trace import TraceReport, trace
@@ -16,5 +16,5 @@ __version__ = "0.1.0"
 
 __all__ = ["ActivationCache", "CaptureError", "FxBridgeError", "HookPoint", "HookShapeError", "HookedGraphModule",
            "MissingDependency", "ModelLoadError", "NotTracedError", "PatternNotFound", "TraceReport",
-           "UnsupportedArchitecture", "VerificationError", "export", "get_act_name", "supported_architectures",
+           "UnsupportedArchitecture", "UsageError", "VerificationError", "export", "get_act_name", "supported_architectures",
            "to_networkx", "trace"]

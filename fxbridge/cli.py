@@ -58,9 +58,10 @@ def _inspect(args) -> int:
 def _export(args) -> int:
     import fxbridge as bridge
 
+    from .errors import UsageError
     from .export import FORMATS
     if not args.out.lower().endswith(FORMATS):  # fail before the (slow) trace
-        raise ValueError(f"cannot export to {args.out!r}: use one of the extensions {', '.join(FORMATS)}")
+        raise UsageError(f"cannot export to {args.out!r}: use one of the extensions {', '.join(FORMATS)}")
     _, gm = _load_and_trace(args)
     view = args.view or ("layer" if args.layer is not None else "full")
     path = bridge.export(gm, args.out, view=view, layer=args.layer)
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
         return args.func(args)
-    except (FxBridgeError, ValueError) as exc:
+    except FxBridgeError as exc:
         # errors the user can act on: one line, no traceback (set FXBRIDGE_DEBUG=1 for it)
         import os
         if os.environ.get("FXBRIDGE_DEBUG"):

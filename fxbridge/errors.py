@@ -58,6 +58,10 @@ class MissingDependency(FxBridgeError, RuntimeError):
     """An optional tool or package (Graphviz for SVG/PNG export) is missing; the message says how to install it."""
 
 
+class UsageError(FxBridgeError, ValueError):
+    """A bad argument a user can fix (an unknown export format, view or layer; verify on a meta model)."""
+
+
 class ModelLoadError(FxBridgeError, OSError):
     """A model source (hub id, checkpoint directory, config.json) could not be loaded; names it and why."""
 

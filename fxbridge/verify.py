@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from .errors import VerificationError
+from .errors import UsageError, VerificationError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def verify(gm, model: torch.nn.Module | None = None, *, batch: int = 2, seq: int
     model = gm.hf if model is None else model
     param = next(iter(model.parameters()), None)
     if param is not None and param.device.type == "meta":
-        raise ValueError("verify needs real weights; this model is on the meta device (nothing to compare)")
+        raise UsageError("verify needs real weights; this model is on the meta device (nothing to compare)")
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     tol = TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch import fx
 
-from ..errors import NotTracedError
+from ..errors import NotTracedError, UsageError
 from .graph import VIEWS, ExportGraph, GNode, build_graph
 from .writers import render, to_dot, to_json, write_graphml
 from .writers import to_networkx as _graph_to_networkx
@@ -53,7 +53,7 @@ def export(gm, path, *, view: str = "full", layer: int | None = None, title: str
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in FORMATS:
-        raise ValueError(f"cannot export to {path.name!r}: unknown extension {ext or '(none)'!r}; "
+        raise UsageError(f"cannot export to {path.name!r}: unknown extension {ext or '(none)'!r}; "
                          f"use one of {', '.join(FORMATS)}")
     graph = graph_of(gm, view=view, layer=layer)
     if title is None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import fx
 
+from ..errors import UsageError
 from ..runtime.hook_point import HookPoint
 from .values import (core_hook_values, dtype_of, layer_of, module_of, node_values, resolve_letters, shape_of, shape_str,
                      symbol_names)
@@ -64,15 +65,15 @@ class ExportGraph:
 def build_graph(gm: fx.GraphModule, view: str = "full", layer: int | None = None) -> ExportGraph:
     """The picture of ``gm`` in one of ``VIEWS``; ``layer`` restricts any view to one decoder layer."""
     if view not in VIEWS:
-        raise ValueError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
+        raise UsageError(f"unknown view {view!r}; choose one of {', '.join(VIEWS)}")
     if view == "layer" and layer is None:
-        raise ValueError("view='layer' needs layer=N (the decoder layer to show)")
+        raise UsageError("view='layer' needs layer=N (the decoder layer to show)")
     n_layers = getattr(gm, "dims", {}).get("n_layers")
     if layer is not None and n_layers is not None:
         if layer < 0:
             layer += n_layers
         if not 0 <= layer < n_layers:
-            raise ValueError(f"layer must be in [0, {n_layers}), got {layer}")
+            raise UsageError(f"layer must be in [0, {n_layers}), got {layer}")
     graph = _fine_graph(gm)
     if layer is not None:
         graph = _only_layer(graph, layer)

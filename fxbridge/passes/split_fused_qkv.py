@@ -12,6 +12,12 @@ shape-only ops is evaluated once on an index probe (a fused tensor whose entries
 a node whose probe equals q, k or v of the layout -- as [B,S,h,d] or [B,h,S,d], K/V possibly repeated to H
 heads group-major -- *is* that value, and is replaced by the same expression of the hooked q/k/v. So the
 layout is verified against HF's code, and edits to a KV head reach exactly the query heads of its group.
+
+Meta device: HF's ``x[..., [-2], :]`` becomes an index constant whose values a meta capture loses. Such a
+constant (one integer, the only index of an ``index`` op) is then solved for by structure: the one attention
+input (q, k or v) its branch reaches names its role, and the one slot of the indexed dim for which the probe of
+that branch equals the role in the layout is taken as its value. The probe then runs, and the graph is rewritten,
+exactly as on a real device; no role reached, several, or not exactly one such slot is an error.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 _ALIASES = {"q": "q.hook_out", "k": "k.hook_out", "v": "v.hook_out"}
 _CONST_OPS = {aten.lift_fresh_copy.default, aten.clone.default, aten.detach.default}
+_ATTENTION_OP = torch.ops.fxbridge.attention.default
 
 
 def _forms(role: str, n_heads: int, n_kv: int) -> list[tuple[str, bool]]:
@@ -49,9 +56,10 @@ def _apply_form(x: torch.Tensor, form: str, repeat: int) -> torch.Tensor:
 class _Probe:
     """Evaluates shape-only code on concrete index tensors; symbolic sizes bound from the fused output's shape."""
 
-    def __init__(self, root, fused: fx.Node, probe_sizes=(2, 3)):
+    def __init__(self, root, fused: fx.Node, assumed=None, probe_sizes=(2, 3)):
         shape = fused.meta["val"].shape
         self.root, self.binding, self.consts, self.meta_consts, concrete = root, {}, set(), [], []
+        self.assumed = assumed or {}  # meta constant -> the values solved for by structure
         for size, probe_size in zip(shape[:-1], probe_sizes):
             if isinstance(size, torch.SymInt):
                 self.binding[size.node.expr] = sympy.Integer(probe_size)
@@ -72,9 +80,11 @@ class _Probe:
             return val
         if node.op == "get_attr":
             self.consts.add(node)
+            if node in self.assumed:
+                return self.assumed[node]
             value = _fetch(self.root, node.target)
             if isinstance(value, torch.Tensor) and value.is_meta:
-                self.meta_consts.append(node.target)
+                self.meta_consts.append(node)
                 raise LookupError(f"constant {node.target} was captured on the meta device: its values are lost")
             return value
         if node.op == "call_function" and node.target in _CONST_OPS and depth > 0:
@@ -144,9 +154,13 @@ def split_layer(ctx: PassContext, layer: int) -> int:
                   for role in "qkv" for form, rep in _forms(role, h, g)}
     matches = _match_region(fused, probe, candidates, attn_path)
     found_roles = {key[0] for _, key in matches}
-    if found_roles != set("qkv") and probe.meta_consts:
-        raise NotImplementedError(f"HF's split of {qkv_path} indexes with constants {probe.meta_consts} whose values a "
-                                  "capture on the meta device does not keep; trace this model on a real device")
+    solver = None
+    while found_roles != set("qkv") and probe.meta_consts:  # each turn solves one more meta constant
+        solver = solver or _MetaSolver(ctx, layer, fused, canon, candidates, attn_path, qkv_path)
+        probe, matches = solver.solve(probe)
+        found_roles = {key[0] for _, key in matches}
+    if solver:
+        solver.check(matches)
     if found_roles != set("qkv"):
         raise LookupError(f"HF's split of {qkv_path} does not produce {sorted(set('qkv') - found_roles)} in the "
                           f"{spec.qkv_layout!r} layout (H={h}, Hkv={g}, dh={d}); is qkv_layout right?")
@@ -161,6 +175,96 @@ def split_layer(ctx: PassContext, layer: int) -> int:
     if stray:
         raise LookupError(f"HF still reads the fused output of {qkv_path} through {stray}, outside the layout")
     return 3
+
+
+class _MetaSolver:
+    """Values for index constants a meta capture lost, from the attention input (role) each one's branch reaches."""
+
+    def __init__(self, ctx, layer, fused, canon, candidates, attn_path, qkv_path):
+        self.root, self.fused, self.canon, self.candidates = ctx.root, fused, canon, candidates
+        self.attn_path, self.where = attn_path, f"HF's split of {qkv_path} (meta device)"
+        self.region = set(module_nodes(fused.graph, attn_path))
+        cores = [n for n in self.region if (n.op == "call_module" and n.target == f"blocks.{layer}.attn")
+                 or (n.op == "call_function" and n.target == _ATTENTION_OP)]
+        if len(cores) != 1:
+            raise NotImplementedError(f"{self.where} indexes with constants whose values a meta capture does not keep, "
+                                      f"and {len(cores)} attention nodes (not 1) are there to tell q, k, v apart; "
+                                      "trace this model on a real device")
+        self.core, self.assumed, self.roles = cores[0], {}, {}
+
+    def solve(self, probe: _Probe):
+        """Solve the first meta constant the probe met; returns the probe and matches run with it assumed."""
+        const = probe.meta_consts[0]
+        index, dim = self._index_use(const)
+        role, reached = self._role(const)
+        x = probe.env.get(index.args[0])
+        if x is None:
+            raise LookupError(f"{self.where}: {index.name} indexes {index.args[0].name}, which the probe cannot "
+                              "evaluate; cannot solve the constant it indexes with")
+        fits = torch.isin(x, self.canon[role]).movedim(dim, 0).flatten(1).all(1)  # slots holding only role values
+        val = const.meta["val"]
+        solved = []
+        for slot in fits.nonzero().flatten().tolist():
+            assumed = {**self.assumed, const: torch.full(val.shape, slot, dtype=val.dtype)}
+            trial = _Probe(self.root, self.fused, assumed)
+            matches = _match_region(self.fused, trial, self.candidates, self.attn_path)
+            if {key[0] for node, key in matches if node in reached} == {role}:
+                solved.append((slot, assumed, trial, matches))
+        if len(solved) != 1:
+            raise LookupError(f"{self.where}: {index.name} reaches attention input {role}, but {len(solved)} slots "
+                              f"{[s[0] for s in solved]} (not 1) of dim {dim} of {index.args[0].name} make it "
+                              f"{role} of the layout; its constant {const.target} cannot be solved")
+        slot, self.assumed, trial, matches = solved[0]
+        self.roles[const] = (role, reached)
+        log.debug("%s: constant %s solved as [%d] (%s)", self.where, const.target, slot, role)
+        return trial, matches
+
+    def check(self, matches) -> None:
+        """Every solved constant's branch is matched, and only as the role its structure gave."""
+        for const, (role, reached) in self.roles.items():
+            got = {key[0] for node, key in matches if node in reached}
+            if got != {role}:
+                raise LookupError(f"{self.where}: the branch of {const.target} reaches attention input {role} but "
+                                  f"matched {sorted(got)}")
+
+    def _index_use(self, const: fx.Node) -> tuple[fx.Node, int]:
+        """The one index op reading ``const`` (through copies) in the region, and the dim it indexes."""
+        val, prev = const.meta.get("val"), const
+        while isinstance(val, torch.Tensor) and val.numel() == 1 and not val.is_floating_point():
+            users = [u for u in prev.users if u in self.region]
+            if len(users) != 1 or users[0].op != "call_function":
+                break
+            node = users[0]
+            if node.target in _CONST_OPS:
+                prev = node
+                continue
+            dims = [i for i, a in enumerate(node.args[1]) if a is not None] if node.target == aten.index.Tensor else []
+            if dims and len(dims) == 1 and node.args[1][dims[0]] is prev and node.args[0] is not prev:
+                return node, dims[0]
+            break
+        raise NotImplementedError(f"{self.where} reads the constant {const.target} (values lost on meta) other than "
+                                  "as the single one-element index of one index op; trace this model on a real device")
+
+    def _role(self, const: fx.Node) -> tuple[str, set]:
+        """The attention input (q, k or v) the constant's branch reaches, and the tensors of that branch."""
+        reached, seen, todo = set(), set(), [const]
+        while todo:
+            node = todo.pop()
+            for user in node.users:
+                if isinstance(user.meta.get("val"), (torch.SymInt, int, float, bool)):
+                    continue  # a size read off the branch is not the branch
+                if user is self.core:
+                    reached |= {i for i, a in enumerate(user.args) if a is node}
+                elif user not in self.region:
+                    raise LookupError(f"{self.where}: {user.name}, outside {self.attn_path}, reads {node.name} of "
+                                      f"the branch of constant {const.target}; cannot tell its role")
+                elif user not in seen:
+                    seen.add(user)
+                    todo.append(user)
+        if len(reached) != 1 or not reached <= {0, 1, 2}:
+            raise LookupError(f"{self.where}: the branch of constant {const.target} reaches attention inputs "
+                              f"{sorted(reached)} (0=q, 1=k, 2=v, 3=mask), not exactly one of q, k, v")
+        return "qkv"[reached.pop()], seen
 
 
 def _insert_split(ctx, fused, layer, attn_path, qkv_path) -> dict[str, fx.Node]:
