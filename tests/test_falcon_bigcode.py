@@ -250,18 +250,75 @@ def test_split_pass_refuses_a_layout_the_code_does_not_implement():
         _run_split(gm, wrong, 6, 2, 4)
 
 
-def test_meta_device_per_head_layout_traces_and_index_constants_fail_loudly():
+def _on_meta(arch):
     import transformers as tf
     from tiny import CONFIGS
-    for arch in ("falcon_rw", "falcon_7b"):
-        with torch.device("meta"):
-            model = tf.AutoModelForCausalLM.from_config(CONFIGS[arch]())
-        if arch == "falcon_rw":  # split by select only: no constants
-            gm = bridge.trace(model)
-            assert gm(torch.zeros(2, 5, dtype=torch.long, device="meta")).shape == (2, 5, model.config.vocab_size)
-        else:  # HF indexes with [-2] / [-1]: their values are lost on meta, so the split cannot be verified
-            with pytest.raises(bridge.PatternNotFound, match="meta device"):
-                bridge.trace(model)
+    with torch.device("meta"):
+        return tf.AutoModelForCausalLM.from_config(CONFIGS[arch]())
+
+
+def _same_code(real, meta) -> bool:
+    """The two graphs' code, equal up to the device the capture baked into a few constants."""
+    return real.code == meta.code.replace("device(type='meta')", "device(type='cpu')")
+
+
+@pytest.mark.parametrize("arch", ["falcon_rw", "falcon_7b", "falcon_new_mqa", "falcon_40b"])
+def test_meta_device_trace_equals_the_real_device_trace(arch):
+    """7B-style and new-architecture splits index with [-2] / [-1], constants whose values meta loses; their
+    values are solved from the attention input each branch feeds, and the graph is the real-device one."""
+    _, _, real = traced(arch)
+    model = _on_meta(arch)
+    gm = bridge.trace(model)
+    assert list(gm.hook_dict) == list(real.hook_dict)
+    assert str(gm.hook_table()) == str(real.hook_table())
+    assert [(n.op, str(n.target)) for n in gm.graph.nodes] == [(n.op, str(n.target)) for n in real.graph.nodes]
+    assert _same_code(real, gm)
+    assert not any(n.target == torch.ops.aten.index.Tensor for n in gm.graph.nodes
+                   if n.meta.get("nn_module_stack") and "self_attention" in str(n.meta["nn_module_stack"]))
+    assert gm(torch.zeros(2, 5, dtype=torch.long, device="meta")).shape == (2, 5, model.config.vocab_size)
+
+
+class _ToyCoreAttention(_ToyAttention):
+    """_ToyAttention whose q, k, v (K/V broadcast to H heads) feed the captured attention op, as in HF."""
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        fused = self.qkv(x).view(b, s, self.g, self.h // self.g + 2, self.d)
+        q = fused[:, :, :, :-2]
+        k, v = fused[:, :, :, [-2]], fused[:, :, :, [-1]]
+        q, k, v = [torch.broadcast_to(t, q.shape).flatten(2, 3).transpose(1, 2) for t in (q, k, v)]
+        return torch.ops.fxbridge.attention(q, k, v, None, 0.5, None, 0)
+
+
+def _toy_core_graph(device):
+    torch.manual_seed(0)
+    model = _ToyModel(**SIZES)
+    model.layers[0].attn = _ToyCoreAttention(**SIZES)
+    model = model.to(device).eval()
+    ep = torch.export.export(model, (torch.randn(2, 5, 24, device=device),), strict=False)
+    return model, ep.module()
+
+
+def test_split_pass_on_a_meta_toy_graph_solves_the_index_constants_from_the_attention_inputs():
+    _, real = _toy_core_graph("cpu")
+    _, meta = _toy_core_graph("meta")
+    for gm in (real, meta):
+        assert _run_split(gm, TOY_SPEC, 6, 2, 4)[0].matches == 3
+        gm.recompile()
+    assert _same_code(real, meta)
+    ops = [n.target for n in meta.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.index.Tensor not in ops
+    assert [n.target for n in meta.graph.nodes if n.op == "call_module" and n.target.startswith("blocks.")] == [
+        f"blocks.0.attn.hook_{role}" for role in "qkv"]
+
+
+def test_split_pass_on_a_meta_toy_graph_without_an_attention_node_fails_loudly():
+    """No attention node tells which branch is k and which v: the lost constants are not guessed."""
+    torch.manual_seed(0)
+    model = _ToyModel(**SIZES).to("meta").eval()
+    gm = torch.export.export(model, (torch.randn(2, 5, 24, device="meta"),), strict=False).module()
+    with pytest.raises(bridge.PatternNotFound, match="meta capture does not keep"):
+        _run_split(gm, TOY_SPEC, 6, 2, 4)
 
 
 class _ToyEagerAttention(nn.Module):
