@@ -13,7 +13,7 @@ CUDA every timing synchronises, and peak memory is ``torch.cuda.max_memory_alloc
 
 plus ``trace()`` seconds for the model itself and, with ``--meta-trace``, for the same config on the meta device.
 MODEL is a config.json (random weights), a benchmarks/configs/*.json entry (its name or path; ``--variant cpu``
-picks its small sizes), or anything ``fxbridge.loading.load_model`` accepts when that module exists.
+picks its small sizes), or anything ``fxbridge.loading.load_model`` accepts.
 Results print as a table; ``--json PATH`` writes them as JSON (never commit results).
 """
 from __future__ import annotations
@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .loading import load_model, model_from_config
 
 log = logging.getLogger(__name__)
 
@@ -75,28 +77,12 @@ def entry_config(entry: dict, variant: str = "full"):
     return transformers.AutoConfig.for_model(model_type, **values)
 
 
-def build_model(config, *, device: str = "cpu", dtype: torch.dtype = torch.float32, meta: bool = False,
-                seed: int = 0) -> torch.nn.Module:
-    """A random-weight causal LM from ``config`` (HF's default attention implementation), in eval mode."""
-    import transformers
-
-    torch.manual_seed(seed)
-    with torch.device("meta" if meta else device):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
-
-
 def load(source: str, *, device: str, dtype: torch.dtype, variant: str = "full", meta: bool = False, seed: int = 0):
     """(name, model) for a bench MODEL argument (see the module docstring)."""
     entry = _entry_for(source)
     if entry is not None:
-        return entry["name"], build_model(entry_config(entry, variant), device=device, dtype=dtype, meta=meta,
-                                          seed=seed)
-    try:
-        from .loading import load_model
-    except ImportError:
-        raise SystemExit(f"bench: {source!r} is neither a config JSON nor a suite entry "
-                         f"({', '.join(e['name'] for e in suite_entries())})") from None
+        config = entry_config(entry, variant)
+        return entry["name"], model_from_config(config, device=device, dtype=dtype, meta=meta, seed=seed)
     return source, load_model(source, device=device, dtype=dtype, meta=meta, seed=seed)
 
 
@@ -233,7 +219,7 @@ def meta_trace(config, dtype) -> dict:
     from . import trace
 
     try:
-        model = build_model(config, dtype=dtype, meta=True)
+        model = model_from_config(config, dtype=dtype, meta=True)
         start = time.perf_counter()
         gm = trace(model)
         return {"meta_trace_s": time.perf_counter() - start, "meta_layers": int(config.num_hidden_layers),

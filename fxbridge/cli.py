@@ -70,15 +70,9 @@ def _export(args) -> int:
 
 
 def _bench(args) -> int:
-    """Wired lazily: fxbridge/bench.py is imported only when this subcommand runs; it parses its own options."""
-    try:
-        from . import bench
-    except ImportError as exc:
-        raise SystemExit(f"fxbridge: error: the benchmark module is not available ({exc})")
-    parser = argparse.ArgumentParser(prog="fxbridge bench", description=bench.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_arguments(parser)
-    return bench.run(parser.parse_args(args.rest))
+    """Imported only when this subcommand runs; fxbridge/bench.py parses its own options."""
+    from .bench import main
+    return main(args.rest)
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:

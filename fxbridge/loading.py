@@ -34,24 +34,29 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
+def model_from_config(config, *, device: str | torch.device = "cpu", dtype=None, meta: bool = False,
+                      seed: int = 0) -> torch.nn.Module:
+    """A random-weight ``*ForCausalLM`` for an HF config object (fixed seed), in eval mode; on meta if ``meta``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device("meta" if meta else device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32).eval()
+
+
 def build_from_config(path: str | Path, seed: int = 0, device: str | torch.device = "cpu", dtype=torch.float32,
                       meta: bool = False):
     """A random-weight ``*ForCausalLM`` from a config.json (no download); on the meta device if ``meta``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:  # JSON errors, unknown model_type, ... : one line naming the file
         raise ModelLoadError(f"cannot read a model config from {str(path)!r}: {_first_line(exc)}") from exc
-    torch.manual_seed(seed)
     try:
-        if meta:
-            with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32).eval()
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        return model_from_config(config, device=device, dtype=dtype, meta=meta, seed=seed)
     except ValueError as exc:  # e.g. a config with no causal-LM class
         raise ModelLoadError(f"{str(path)!r} does not describe a causal LM: {_first_line(exc)}") from exc
-    return model.to(device).eval()
 
 
 def load_model(source: str | Path, *, device: str | torch.device = "cpu", dtype=None, meta: bool = False,
@@ -95,15 +100,14 @@ def _from_pretrained(source: str, device, dtype, hub: bool):
 
 
 def _meta_from_hub(source: str, dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(source)
     except Exception as exc:
         raise ModelLoadError(f"could not load the config of {source!r} from the Hugging Face hub "
                              f"(offline or a typo?): {_first_line(exc)}") from exc
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32).eval()
+    return model_from_config(config, dtype=dtype, meta=True)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -4,7 +4,7 @@ import torch
 import transformers as tf
 
 import fxbridge as bridge
-from tiny import tokens
+from tiny import mid_hook, tokens
 
 
 def test_unknown_hook_name_suggests_close_matches(trio):
@@ -17,7 +17,7 @@ def test_unknown_hook_name_suggests_close_matches(trio):
 
 def test_wrongly_shaped_hook_return_names_hook_and_shapes(trio):
     _, _, gm = trio
-    mid = "blocks.0.hook_resid_mid" if not gm.spec.parallel else "blocks.0.hook_attn_out"  # parallel: no mid
+    mid = mid_hook(gm, 0)
     with pytest.raises(bridge.HookShapeError) as info:
         gm.run_with_hooks(tokens(2, 4), fwd_hooks=[(mid, lambda t, hook: t[:, :-1])])
     msg = str(info.value)

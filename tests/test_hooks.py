@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tiny import tokens
+from tiny import mid_hook, tokens
 
 # Golden per-layer hook lists, written from HOOKS.md (not from the code under test).
 LAYER_HOOKS = ["hook_resid_pre", "ln1.hook_scale", "ln1.hook_normalized", "attn.hook_q", "attn.hook_k",
@@ -144,11 +144,10 @@ def test_aliases_reach_the_same_point(trio):
     assert gm.resolve("blocks.1.hook_out") == "blocks.1.hook_resid_post"
 
 
-@pytest.mark.parametrize("name", ["blocks.0.ln1.hook_scale", "blocks.0.attn.hook_pattern", "blocks.1.hook_resid_mid"])
+@pytest.mark.parametrize("name", ["blocks.0.ln1.hook_scale", "blocks.0.attn.hook_pattern", "mid"])
 def test_hook_points_carry_their_names(trio, name):
     _, _, gm = trio
-    if gm.spec.parallel and name.endswith("hook_resid_mid"):
-        pytest.skip("parallel blocks have no hook_resid_mid")
+    name = mid_hook(gm, 1) if name == "mid" else name
     seen = []
     gm.run_with_hooks(tokens(1, 3), fwd_hooks=[(name, lambda t, hook: seen.append(hook.name))])
     assert seen == [name]

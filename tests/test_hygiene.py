@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fxbridge as bridge
-from tiny import build, tokens
+from tiny import build, mid_hook, tokens
 
 
 def test_trace_leaves_the_hf_model_unchanged_and_shares_weights():
@@ -47,7 +47,7 @@ def test_hooks_are_removed_after_an_exception_inside_hooks(trio):
     def boom(t, hook):
         raise RuntimeError("hook failed")
 
-    mid = "blocks.0.hook_resid_mid" if not gm.spec.parallel else "blocks.0.hook_attn_out"  # parallel: no mid
+    mid = mid_hook(gm, 0)
     with pytest.raises(RuntimeError, match="hook failed"):
         with gm.hooks(fwd_hooks=[(mid, boom)]):
             gm(tokens(1, 3))

@@ -1,7 +1,7 @@
 """Interventions with known answers: edits through hooks equal the same edit made by hand on HF."""
 import torch
 
-from tiny import tokens
+from tiny import mid_hook, tokens
 
 TOL = 1e-5
 
@@ -93,7 +93,7 @@ def test_backward_hooks_receive_the_gradient(trio):
     _, _, gm = trio
     ids = tokens(2, 5)
     saved, grads = {}, {}
-    name = "blocks.1.hook_resid_mid" if not gm.spec.parallel else "blocks.1.hook_attn_out"  # parallel: no mid
+    name = mid_hook(gm, 1)
 
     def keep(t, hook):
         saved["act"] = t

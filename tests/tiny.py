@@ -144,6 +144,11 @@ def eager_reference(model: torch.nn.Module) -> torch.nn.Module:
     return ref.eval()
 
 
+def mid_hook(gm, layer: int) -> str:
+    """A residual-stream hook inside the layer: resid_mid, or attn_out on parallel blocks (which have no mid)."""
+    return f"blocks.{layer}.hook_attn_out" if gm.spec.parallel else f"blocks.{layer}.hook_resid_mid"
+
+
 def tokens(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
 

@@ -20,8 +20,6 @@ GPT_BIGCODE = replace(
     family="GPTBigCode",
     configure=_configure,
     notes="fused c_attn split by layout (MQA contiguous, MHA per head) into hook_q/k/v",
-    passes=("hook_embeddings", "hook_attention", "split_fused_qkv", "hook_mlp", "hook_norms", "hook_residual",
-            "hook_unembed"),
 )
 
 SPECS = (GPT_BIGCODE,)

@@ -21,6 +21,8 @@ GPT2 = ArchSpec(
     norm="layernorm",
     rotary=False,
     notes="fused c_attn split into hook_q/k/v",
+    passes=("hook_embeddings", "hook_attention", "split_fused_qkv", "hook_mlp", "hook_norms", "hook_residual",
+            "hook_unembed"),
 )
 
 SPECS = (GPT2,)

@@ -2,12 +2,11 @@
 
 Separate projections:
     q = linear(x, W_Q)      ->   q = flatten(hook_q(unflatten(q)))      (same for k and v)
-A view: nothing is copied, and the projection weights stay HF's. Fused projections (GPT-2's ``c_attn``) are
-split by the spec's ``qkv_layout`` in ``split_fused_qkv.py``.
+A view: nothing is copied, and the projection weights stay HF's. Specs with a fused projection (GPT-2's
+``c_attn``) run ``split_fused_qkv`` instead.
 """
 from .base import PassContext, graph_pass
 from .graph_utils import heads_view, hook_viewed, module_output
-from .split_fused_qkv import split_layer
 
 _QKV = (("q", "hook_q", "n_heads", "H"), ("k", "hook_k", "n_kv_heads", "Hkv"), ("v", "hook_v", "n_kv_heads", "Hkv"))
 _ALIASES = {"hook_q": "q.hook_out", "hook_k": "k.hook_out", "hook_v": "v.hook_out"}
@@ -23,14 +22,11 @@ def _hook_heads(ctx, node, layer, hook, heads_key, heads_sym, attn_path, hf_modu
 
 @graph_pass(expects=lambda spec, dims: 3 * dims["n_layers"])
 def hook_qkv(ctx: PassContext) -> int:
-    """Hook q/k/v projection outputs, viewed per head; fused projections are split by their layout."""
+    """Hook the separate q/k/v projection outputs, viewed per head."""
     spec = ctx.spec
     found = 0
     for layer in range(ctx.dims["n_layers"]):
         attn_path = spec.layer(layer, spec.attn)
-        if spec.qkv is not None:  # fused: split by the spec's layout (passes/split_fused_qkv.py)
-            found += split_layer(ctx, layer)
-            continue
         sources = [spec.layer(layer, f"{spec.attn}.{getattr(spec, which)}") for which, *_ in _QKV]
         nodes = [module_output(ctx.graph, path) for path in sources]
         for node, source, (_, hook, heads_key, heads_sym) in zip(nodes, sources, _QKV):

@@ -49,11 +49,6 @@ class FastCallModule(nn.Module):
 class HookPoint(FastCallModule):
     """Identity with hooks. ``name`` is its dotted name in the traced module (set when installed)."""
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self._fwd or self._bwd or self._forward_hooks or self._forward_pre_hooks or self._backward_hooks):
-            return x  # nothing attached: free
-        return FastCallModule.__call__(self, x)
-
     def __init__(self, name: str = "", shape: tuple[str, ...] = (), made_by: str = "", hf_module: str = ""):
         super().__init__()
         self.name = name
@@ -82,7 +77,7 @@ class HookPoint(FastCallModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fwd and not self._bwd:
-            return x
+            return x  # nothing attached: one test
         for handle in tuple(self._fwd):
             out = handle.fn(x, hook=self)
             if out is not None:
