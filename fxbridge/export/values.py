@@ -8,7 +8,6 @@ renamed ``B`` and ``S`` so shapes read like the hook contract (``[B,S,64]``).
 from __future__ import annotations
 
 import re
-import weakref
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from torch import fx
 
 from ..runtime.hook_point import HookPoint
 
-_CORE_RUNS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # gm -> {id(graph): {node: (out, seen)}}
+_CORE_RUNS_ATTR = "_fxbridge_core_runs"  # on the graph: {node name: (out, seen)}; never a global table (leak)
 _LETTER_DIMS = {"D": "d_model", "H": "n_heads", "Hkv": "n_kv_heads", "dh": "d_head", "V": "d_vocab", "F": "d_mlp"}
 
 
@@ -166,7 +165,7 @@ def _run_core(gm, node: fx.Node, vals: dict) -> tuple[Any, dict[str, Any]]:
     Recording hooks are attached for the run and removed after it. A core whose hook points already have hooks
     attached is not run (the user's functions must not see fake tensors): (None, {}).
     """
-    per_graph = _CORE_RUNS.setdefault(gm, {}).setdefault(id(gm.graph), {})
+    per_graph = gm.graph.__dict__.setdefault(_CORE_RUNS_ATTR, {})
     if node.name in per_graph:  # the graph is fixed after trace; replaying a core on fakes costs ~10-100 ms
         return per_graph[node.name]
     core = gm.get_submodule(node.target)

@@ -6,7 +6,6 @@ by generated node names or positions (STYLE.md).
 from __future__ import annotations
 
 import bisect
-import weakref
 from collections.abc import Iterable
 
 import torch
@@ -66,14 +65,20 @@ class _ModuleIndex:
         return list(nodes)
 
 
-_INDEXES: "weakref.WeakKeyDictionary[fx.Graph, _ModuleIndex]" = weakref.WeakKeyDictionary()
+_INDEX_ATTR = "_fxbridge_module_index"
 
 
 def module_nodes(graph: fx.Graph, path: str) -> list[fx.Node]:
-    """The nodes HF module ``path`` computed, in graph order."""
-    index = _INDEXES.get(graph)
+    """The nodes HF module ``path`` computed, in graph order.
+
+    The index lives on the graph itself (never in a module-level table): it holds the graph's nodes, and each node
+    holds its graph, so a global map keyed by the graph would keep every traced graph -- and through its owning
+    module the HF weights -- alive forever. On the graph, the cycle dies with the graph.
+    """
+    index = graph.__dict__.get(_INDEX_ATTR)
     if index is None:
-        index = _INDEXES[graph] = _ModuleIndex()
+        index = _ModuleIndex()
+        setattr(graph, _INDEX_ATTR, index)
     return index.nodes(graph, path)
 
 
