@@ -8,9 +8,9 @@
 from .architectures import supported_architectures
 from .errors import (CaptureError, FxBridgeError, HookShapeError, MissingDependency, ModelLoadError, NotTracedError,
                      PatternNotFound, UnsupportedArchitecture, UsageError, VerificationError)
-from .export import export, to_networkx
+from .exporter import export, to_networkx
 from .runtime import ActivationCache, HookedGraphModule, HookPoint, get_act_name
-from .trace import TraceReport, trace
+from .pipeline import TraceReport, trace
 
 __version__ = "0.1.0"
 

@@ -59,7 +59,7 @@ def _export(args) -> int:
     import fxbridge as bridge
 
     from .errors import UsageError
-    from .export import FORMATS
+    from .exporter import FORMATS
     if not args.out.lower().endswith(FORMATS):  # fail before the (slow) trace
         raise UsageError(f"cannot export to {args.out!r}: use one of the extensions {', '.join(FORMATS)}")
     _, gm = _load_and_trace(args)

@@ -13,7 +13,7 @@ def _trace_use_drop(arch: str):
     gm = bridge.trace(model)
     gm(torch.randint(0, 100, (1, 6)))
     gm.run_with_cache(torch.randint(0, 100, (1, 6)))
-    gm.hook_table()  # replays the cores on fake values (export/values.py keeps a per-graph table of those runs)
+    gm.hook_table()  # replays the cores on fake values (exporter/values.py keeps a per-graph table of those runs)
     gm(torch.randint(0, 100, (1, 6)), stop_at_layer=1)
     return weakref.ref(model), weakref.ref(gm), weakref.ref(gm.graph)
 

@@ -1,4 +1,4 @@
-"""``fxbridge.trace``: capture, rewrite, and wrap an HF causal LM into a HookedGraphModule."""
+"""``fxbridge.trace``: capture, rewrite, and wrap an HF causal LM into a HookedGraphModule (the whole pipeline)."""
 from __future__ import annotations
 
 import sys
