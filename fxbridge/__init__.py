@@ -7,7 +7,7 @@
 """
 from .architectures import supported_architectures
 from .errors import (CaptureError, FxBridgeError, HookShapeError, MissingDependency, ModelLoadError, NotTracedError,
-                     PatternNotFound, UnsupportedArchitecture, UsageError, VerificationError)
+                     PatternNotFound, UnsupportedArchitecture, UnsupportedModel, UsageError, VerificationError)
 from .exporter import export, to_networkx
 from .runtime import ActivationCache, HookedGraphModule, HookPoint, get_act_name
 from .pipeline import TraceReport, trace
@@ -16,5 +16,5 @@ __version__ = "0.1.0"
 
 __all__ = ["ActivationCache", "CaptureError", "FxBridgeError", "HookPoint", "HookShapeError", "HookedGraphModule",
            "MissingDependency", "ModelLoadError", "NotTracedError", "PatternNotFound", "TraceReport",
-           "UnsupportedArchitecture", "UsageError", "VerificationError", "export", "get_act_name", "supported_architectures",
+           "UnsupportedArchitecture", "UnsupportedModel", "UsageError", "VerificationError", "export", "get_act_name", "supported_architectures",
            "to_networkx", "trace"]

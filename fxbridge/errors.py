@@ -40,13 +40,14 @@ class PatternNotFound(FxBridgeError, RuntimeError):
 
 
 class HookShapeError(FxBridgeError, ValueError):
-    """A hook returned a tensor whose shape (or type) differs from the activation it replaces."""
+    """A hook returned something other than a tensor of the activation's shape, dtype and device."""
 
     def __init__(self, hook_name: str, expected, got):
         self.hook_name, self.expected, self.got = hook_name, expected, got
         super().__init__(
             f"hook {hook_name!r} returned {got}, but the activation it replaces is {expected}. "
-            "Return None to keep the activation, or a tensor of the same shape."
+            "Return None to keep the activation (in-place edits count), or a tensor of the same shape, dtype and "
+            "device (e.g. `new.to(activation.dtype)`)."
         )
 
 
@@ -56,6 +57,10 @@ class NotTracedError(FxBridgeError, TypeError):
 
 class MissingDependency(FxBridgeError, RuntimeError):
     """An optional tool or package (Graphviz for SVG/PNG export) is missing; the message says how to install it."""
+
+
+class UnsupportedModel(FxBridgeError, TypeError):
+    """``trace()`` was given something that is not a transformers causal LM (names what it got and what to pass)."""
 
 
 class UsageError(FxBridgeError, ValueError):

@@ -1,6 +1,8 @@
 """``fxbridge.trace``: capture, rewrite, and wrap an HF causal LM into a HookedGraphModule (the whole pipeline)."""
 from __future__ import annotations
 
+import inspect
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -8,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .architectures import dims_from_config, get_spec
+from .errors import UnsupportedModel, UsageError
 from .passes import PASSES, PassContext, PassResult, run_passes
 from .runtime.module import HookedGraphModule
 from .tracer import capture
@@ -44,34 +47,129 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
           verify: bool = False) -> HookedGraphModule:
     """Capture ``model`` (a transformers-v5 ``*ForCausalLM``) into a hookable GraphModule sharing its weights.
 
-    The model is put in eval mode (the capture is of inference; dropout is off) and is otherwise unchanged.
+    The capture is of inference: the model runs in eval mode while it is captured (dropout is off) and gets its
+    own train/eval modes back afterwards; it is otherwise unchanged. Torch module hooks on the model are refused
+    (they would be baked into the graph); hooks added to the HF model after ``trace()`` never reach the graph.
     ``progress=True`` prints what is happening to stderr (capture takes seconds to tens of seconds).
     ``use_attn_result=True`` adds ``blocks.{i}.attn.hook_result`` [B,S,H,D] (each head's output before the sum; it
     costs B*S*H*D memory and a slower output projection, as TransformerLens's ``use_attn_result``).
     ``verify=True`` runs random tokens through both and raises ``VerificationError`` naming the first layer whose
     ``hook_resid_post`` differs from the HF decoder layer's output (see ``fxbridge.verify``).
     """
+    check_traceable(model)
     spec = get_spec(model)
+    check_lm_head(model, spec)
     dims = dims_from_config(model.config)
     say = _progress_printer(progress)
     start = time.perf_counter()
-    model.eval()
-    if say:
-        say(f"capturing {type(model).__name__} ({dims['n_layers']} layers) with torch.export ...")
-    captured = capture(model)
-    if say:
-        say(f"captured {len(captured.graph.nodes)} nodes in {captured.seconds:.1f}s; rewriting")
-    ctx = PassContext(captured.graph, captured.root, spec, dims, model.config)
-    names = spec.passes + (("hook_attn_result",) if use_attn_result else ())
-    results = run_passes(ctx, [PASSES[name] for name in names], progress=say)
-    report = TraceReport(spec.model_type, captured.seconds, results, capture_notes=list(captured.notes))
-    gm = HookedGraphModule(captured.root, captured.graph, spec=spec, dims=dims, aliases=ctx.aliases, report=report)
-    report.total_seconds = time.perf_counter() - start
-    if say:
-        say(f"done: {len(gm.hook_dict)} hook points")
-    if verify:
-        from .verify import verify as verify_against_hf
-        verify_against_hf(gm, model)
+    modes = {m: m.training for m in model.modules()}
+    param = next(iter(model.parameters()), None)
+    try:
+        model.eval()
         if say:
-            say("verified against the HF model: every layer's output and the logits agree")
+            say(f"capturing {type(model).__name__} ({dims['n_layers']} layers) with torch.export ...")
+        captured = capture(model)
+        if say:
+            say(f"captured {len(captured.graph.nodes)} nodes in {captured.seconds:.1f}s; rewriting")
+        ctx = PassContext(captured.graph, captured.root, spec, dims, model.config)
+        names = spec.passes + (("hook_attn_result",) if use_attn_result else ())
+        results = run_passes(ctx, [PASSES[name] for name in names], progress=say)
+        report = TraceReport(spec.model_type, captured.seconds, results, capture_notes=list(captured.notes))
+        gm = HookedGraphModule(captured.root, captured.graph, spec=spec, dims=dims, aliases=ctx.aliases,
+                               report=report, options={"use_attn_result": use_attn_result},
+                               traced_dtype=param.dtype if param is not None and param.is_floating_point() else None,
+                               traced_on_meta=param is not None and param.device.type == "meta")
+        report.total_seconds = time.perf_counter() - start
+        if say:
+            say(f"done: {len(gm.hook_dict)} hook points")
+        if verify:
+            from .verify import verify as verify_against_hf
+            verify_against_hf(gm, model)
+            if say:
+                say("verified against the HF model: every layer's output and the logits agree")
+    finally:
+        for module, training in modes.items():
+            module.training = training
     return gm
+
+
+def check_traceable(model) -> None:
+    """Refuse, in one line naming what was passed and what to pass instead, what ``trace()`` cannot capture."""
+    if isinstance(model, HookedGraphModule):
+        raise UsageError("trace() got a module fxbridge already traced: use it as it is, copy.deepcopy(gm) for an "
+                         "independent one, or trace its HF model again with fxbridge.trace(gm.hf)")
+    if isinstance(model, (str, os.PathLike)):
+        raise UnsupportedModel(
+            f"trace() takes a model object, not the {type(model).__name__} {str(model)!r}: load it first with "
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(model)!r}), or from the shell run "
+            f"`fxbridge inspect {model}`")
+    if not isinstance(model, torch.nn.Module):
+        raise UnsupportedModel(f"trace() takes a transformers *ForCausalLM model, got a {type(model).__name__}")
+    from transformers import PreTrainedModel
+    config = getattr(model, "config", None)
+    if not isinstance(model, PreTrainedModel):
+        if getattr(config, "model_type", None):
+            raise UnsupportedModel(
+                f"trace() needs the transformers model itself, got a {type(model).__name__} wrapping a "
+                f"{config.model_type!r} model: pass the inner *ForCausalLM (for a PEFT model: "
+                "model.merge_and_unload(), or model.base_model.model)")
+        raise UnsupportedModel(f"trace() takes a transformers *ForCausalLM model, got the nn.Module "
+                               f"{type(model).__name__} (no HF config)")
+    if "forward" in vars(model):
+        patched = vars(model)["forward"]
+        sig = _signature(patched)
+        raise UnsupportedModel(
+            f"{type(model).__name__}.forward was replaced on the instance (forward{sig}); fxbridge captures the "
+            "class's forward: remove the patch (del model.forward) and express the change as an fxbridge hook")
+    _refuse_module_hooks(model)
+
+
+def _signature(fn) -> str:
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+def _refuse_module_hooks(model: torch.nn.Module) -> None:
+    """Torch forward / pre-forward / backward hooks present at capture time would be baked into the graph and stay
+    there after ``handle.remove()``: refuse, naming the module and the hook."""
+    from torch.nn.modules import module as torch_module
+    kinds = (("forward hook", "_forward_hooks"), ("forward pre-hook", "_forward_pre_hooks"),
+             ("backward hook", "_backward_hooks"), ("backward pre-hook", "_backward_pre_hooks"))
+    for path, sub in model.named_modules():
+        for kind, attr in kinds:
+            for fn in (getattr(sub, attr, None) or {}).values():
+                where = f"model.{path}" if path else "the model"
+                raise UsageError(
+                    f"{where} ({type(sub).__name__}) has a torch {kind} {_fn_name(fn)}: trace() would bake it into "
+                    "the graph, where handle.remove() no longer reaches it. Remove it before trace() and attach the "
+                    "same function as an fxbridge hook (gm.add_hook(name, fn)) instead")
+    for kind, attr in (("forward hook", "_global_forward_hooks"), ("forward pre-hook", "_global_forward_pre_hooks"),
+                       ("backward hook", "_global_backward_hooks"),
+                       ("backward pre-hook", "_global_backward_pre_hooks")):
+        for fn in (getattr(torch_module, attr, None) or {}).values():
+            raise UsageError(f"a global torch module {kind} {_fn_name(fn)} is registered: trace() would bake it "
+                             "into the graph. Remove it before trace()")
+
+
+def _fn_name(fn) -> str:
+    name = getattr(fn, "__qualname__", None) or getattr(type(fn), "__qualname__", repr(fn))
+    return f"{name!r}"
+
+
+def check_lm_head(model, spec) -> None:
+    """A base model (``LlamaModel``) or another head class has the family's type but no LM head: name the class."""
+    try:
+        model.get_submodule(spec.unembed)
+    except AttributeError:
+        causal = _causal_lm_class(spec, model.config)
+        raise UnsupportedModel(
+            f"{type(model).__name__} has no language-model head ({spec.unembed!r}); fxbridge traces causal LMs: "
+            f"pass {causal or 'the *ForCausalLM class of this family'} (e.g. "
+            f"{causal or 'AutoModelForCausalLM'}.from_pretrained(...))") from None
+
+
+def _causal_lm_class(spec, config) -> str | None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))

@@ -38,14 +38,16 @@ def get_act_name(name: str, layer: int | None = None, layer_type: str | None = N
 class ActivationCache(Mapping):
     """Activations from ``run_with_cache``, one entry per hook point; read-only mapping."""
 
-    def __init__(self, cache_dict: dict[str, torch.Tensor], n_layers: int, has_batch_dim: bool = True):
+    def __init__(self, cache_dict: dict[str, torch.Tensor], n_layers: int, has_batch_dim: bool = True,
+                 aliases: dict[str, str] | None = None):
         self.cache_dict = cache_dict
         self.n_layers = n_layers
         self.has_batch_dim = has_batch_dim
+        self.aliases = dict(aliases or {})  # TransformerBridge-style alias -> canonical name (as gm.resolve)
 
     def _key(self, key) -> str:
         if isinstance(key, str):
-            return key
+            return key if key in self.cache_dict else self.aliases.get(key, key)
         if isinstance(key, tuple) and 1 <= len(key) <= 3:
             name, layer, *rest = (*key, None) if len(key) == 1 else key
             if isinstance(layer, int) and layer < 0:
@@ -73,7 +75,8 @@ class ActivationCache(Mapping):
         return len(self.cache_dict)
 
     def to(self, device) -> "ActivationCache":
-        return ActivationCache({k: v.to(device) for k, v in self.cache_dict.items()}, self.n_layers, self.has_batch_dim)
+        return ActivationCache({k: v.to(device) for k, v in self.cache_dict.items()}, self.n_layers, self.has_batch_dim,
+                               self.aliases)
 
     def remove_batch_dim(self) -> "ActivationCache":
         if not self.has_batch_dim:
@@ -81,7 +84,7 @@ class ActivationCache(Mapping):
         for value in self.cache_dict.values():
             if value.shape[0] != 1:
                 raise ValueError(f"remove_batch_dim needs batch size 1, got {value.shape[0]}")
-        return ActivationCache({k: v[0] for k, v in self.cache_dict.items()}, self.n_layers, False)
+        return ActivationCache({k: v[0] for k, v in self.cache_dict.items()}, self.n_layers, False, self.aliases)
 
     def stack_activation(self, name: str) -> torch.Tensor:
         """One activation across layers, stacked on a new leading dim: ``stack_activation("resid_post")``."""

@@ -121,7 +121,7 @@ class LayerNormCore(FastCallModule):
     def forward(self, x, weight=None, bias=None):
         if not (self.hook_scale.has_hooks or self.hook_normalized.has_hooks):
             return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp16/bf16 up to float32 as F.layer_norm; float64 kept
         centred = xf - xf.mean(-1, keepdim=True)
         scale = self.hook_scale((centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         out = self.hook_normalized(centred / scale)

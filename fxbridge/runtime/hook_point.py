@@ -78,6 +78,8 @@ class HookPoint(FastCallModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fwd and not self._bwd:
             return x  # nothing attached: one test
+        if self._fwd and _needs_private_copy(x):
+            x = x.clone()
         for handle in tuple(self._fwd):
             out = handle.fn(x, hook=self)
             if out is not None:
@@ -91,11 +93,33 @@ class HookPoint(FastCallModule):
         return f"{self.name!r}"
 
 
+def _needs_private_copy(x: torch.Tensor) -> bool:
+    """Whether forward hooks must get a copy of ``x`` so that editing it in place is safe (TransformerLens semantics).
+
+    - Under autograd the activation may be a tensor the op that made it saved for backward (SDPA's output is
+      ``hook_z`` on the fused path, softmax's output is ``hook_pattern``): an in-place edit would make
+      ``backward()`` fail. A copy costs one activation, and only at hooked points while gradients are recorded.
+    - An ``expand``-ed view (GPT-2's ``hook_pos_embed`` is [S,D] broadcast to [B,S,D]) refuses in-place writes.
+    Downstream reads the copy, so in-place edits take effect exactly as a returned tensor does.
+    """
+    if x.requires_grad and torch.is_grad_enabled():
+        return True
+    return any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape))
+
+
 def _check_replacement(name: str, old: torch.Tensor, new) -> None:
     if not isinstance(new, torch.Tensor):
         raise HookShapeError(name, f"a tensor of shape {tuple(old.shape)}", f"an object of type {type(new).__name__}")
     if new.shape != old.shape:
         raise HookShapeError(name, f"shape {tuple(old.shape)}", f"shape {tuple(new.shape)}")
+    if new.dtype != old.dtype:  # an int64 tensor would silently truncate the residual stream
+        raise HookShapeError(name, f"dtype {_short(old.dtype)}", f"dtype {_short(new.dtype)}")
+    if new.device != old.device:
+        raise HookShapeError(name, f"on device {old.device}", f"a tensor on device {new.device}")
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 class _BackwardHook(torch.autograd.Function):

@@ -5,18 +5,31 @@ under TransformerLens names (``blocks.3.attn.hook_z``). Hooks attached with ``ad
 ``reset_hooks``; hooks passed to ``run_with_hooks`` / ``hooks()`` / ``run_with_cache`` are removed when the call
 ends, also when a hook raises. ``stop_at_layer=k`` runs a copy of the graph cut at ``blocks.k.hook_resid_pre``
 (built once per k and kept), sharing the same hook points and weights.
+
+What the capture fixed, and what it did not:
+- The graph is a capture of inference at trace time. Torch module hooks added to the HF model after ``trace()``
+  never reach it (use fxbridge's hooks), dropout is gone (``gm.train()`` changes nothing), and the floating dtype
+  is baked into its casts: ``gm.to(dtype)`` / ``gm.half()`` raise ``UsageError`` (trace the converted model again)
+  instead of silently mixing precisions. Device moves (``gm.to("cuda")``) are fine.
+- Pickling (``torch.save(gm)``) stores the HF model and the trace options; loading traces it again, so what comes
+  back is a fresh hookable module with the same outputs. Attached hooks are not saved.
+- Thread safety: hooks are module state, as in TransformerLens. Plain concurrent calls without hooks are safe;
+  a temporary hook attached by one thread (``run_with_hooks``, ``hooks()``, ``run_with_cache``) is seen by every
+  other thread's calls while it is attached. Give each thread its own module (``copy.deepcopy(gm)``) to isolate them.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import operator
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import fx
 
-from ..errors import unknown_hook_error
+from ..errors import UsageError, unknown_hook_error
 from .cache import ActivationCache
 from .fast_forward import build_fast_forward, slots_for
 from .hook_point import HookHandle, HookPoint
@@ -28,8 +41,10 @@ class HookedGraphModule(fx.GraphModule):
     """``gm(input_ids, attention_mask=None, stop_at_layer=None) -> logits`` plus the hook API (HOOKS.md)."""
 
     def __init__(self, root: torch.nn.Module, graph: fx.Graph, *, spec, dims: dict[str, int],
-                 aliases: dict[str, str] | None = None, report=None):
+                 aliases: dict[str, str] | None = None, report=None, options: dict | None = None,
+                 traced_dtype: torch.dtype | None = None, traced_on_meta: bool = False):
         super().__init__(root, graph, class_name="HookedGraphModule")
+        self.training = False  # an inference capture (the HF model's own mode is the caller's)
         # GraphModule copies only the attributes the graph references, into fresh containers; put the real
         # module trees back so `gm.hf` is the HF model and every hook point (also those inside cores) is here.
         for name, child in root.named_children():
@@ -42,6 +57,9 @@ class HookedGraphModule(fx.GraphModule):
         self.dims = dict(dims)
         self.report = report
         self._truncated: dict[int, fx.GraphModule] = {}
+        self._fxb_options = dict(options or {})  # the trace() options, to trace again on unpickling
+        self._fxb_dtype = traced_dtype
+        self._fxb_meta = traced_on_meta
         self._index_hooks(aliases or {})
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -54,12 +72,18 @@ class HookedGraphModule(fx.GraphModule):
         # same code, less interpreter overhead (fast_forward.py)
         cls._graph_forward = fast if self._fxb_slots is not None else cls._fx_forward
         cls.forward = HookedGraphModule._forward
+        _quiet_errors(cls)
         return result
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  stop_at_layer: int | None = None) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a tensor of token ids [batch, pos], got {type(input_ids).__name__}")
+        if self._fxb_meta and input_ids.device.type != "meta":
+            raise UsageError(
+                f"this module was traced on the meta device and runs only on meta tensors (got input_ids on "
+                f"{input_ids.device}); its graph holds meta-device constants. Materialise the HF model's weights "
+                "(e.g. to_empty + load_state_dict) and trace it again on its real device.")
         if input_ids.dim() == 1:
             input_ids = input_ids.unsqueeze(0)
         if attention_mask is None:
@@ -73,6 +97,37 @@ class HookedGraphModule(fx.GraphModule):
             return self._graph_forward(input_ids, attention_mask)
         return self._truncated_module(stop_at_layer)(input_ids, attention_mask)
 
+    # ------------------------------------------------------------------------------------------------ state
+    def _apply(self, fn, recurse=True):
+        """Refuse a floating-dtype change (``to(float64)``, ``half()``, ``bfloat16()``) before any weight moves: the
+        capture baked the traced dtype into its casts (RMSNorm's ``to(input_dtype)``, the softmax's dtype), so the
+        converted module would silently compute in a mix of both."""
+        dtype = getattr(self, "_fxb_dtype", None)
+        if dtype is not None:
+            probe = fn(torch.empty(0, dtype=dtype))
+            if isinstance(probe, torch.Tensor) and probe.dtype != dtype:
+                raise UsageError(
+                    f"this module was traced in {dtype}; converting it to {probe.dtype} would keep the {dtype} casts "
+                    f"the capture baked into the graph. Convert the HF model and trace again: "
+                    f"gm = fxbridge.trace(gm.hf.to({probe.dtype})).")
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        """Sets the HF model's mode (it is the caller's model); the traced graph is an inference capture and has no
+        dropout, so its outputs do not change (a warning says so)."""
+        if mode:
+            warnings.warn("the traced graph is an inference capture (dropout removed); gm.train() sets the HF "
+                          "model's mode but does not change gm's outputs", stacklevel=2)
+        result = super().train(mode)
+        self.training = False
+        return result
+
+    def __reduce__(self):
+        """Pickle as (HF model, trace options): unpickling traces again and gives a fresh hookable module."""
+        if any(hp.has_hooks for hp in self.hook_dict.values()):
+            warnings.warn("hooks attached to the traced module are not saved with it", stacklevel=2)
+        return (_retrace, (self.hf, self._fxb_options))
+
     def __deepcopy__(self, memo):
         """An independent traced module: the HF model (weights included), hook points and attached hooks copied."""
         root = torch.nn.Module()
@@ -84,10 +139,18 @@ class HookedGraphModule(fx.GraphModule):
             if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
                 setattr(root, node.target, copy.deepcopy(getattr(self, node.target), memo))
         return HookedGraphModule(root, copy.deepcopy(self.graph, memo), spec=self.spec, dims=self.dims,
-                                 aliases=self.aliases, report=self.report)
+                                 aliases=self.aliases, report=self.report, options=self._fxb_options,
+                                 traced_dtype=self._fxb_dtype, traced_on_meta=self._fxb_meta)
 
     def _truncated_module(self, layer: int) -> fx.GraphModule:
         n = self.dims["n_layers"]
+        try:
+            if isinstance(layer, bool):  # True == 1 would also poison the cache below
+                raise TypeError
+            layer = operator.index(layer)  # ints, numpy ints, 0-d integer tensors; not 1.0, 0.5 or "1"
+        except TypeError:
+            raise TypeError(f"stop_at_layer must be an int layer index (or None), got {type(layer).__name__} "
+                            f"{layer!r}") from None
         if layer < 0:
             layer += n
         if not 0 <= layer < n:
@@ -188,7 +251,8 @@ class HookedGraphModule(fx.GraphModule):
             out = self(*args, **kwargs)
         if not return_cache_object:
             return out, store
-        return out, ActivationCache(store, self.dims["n_layers"], has_batch_dim=not remove_batch_dim)
+        return out, ActivationCache(store, self.dims["n_layers"], has_batch_dim=not remove_batch_dim,
+                                    aliases=self.aliases)
 
     def _cache_names(self, names_filter) -> list[str]:
         if names_filter is None:
@@ -206,16 +270,26 @@ def truncate_at(gm: fx.GraphModule, hook_name: str) -> fx.GraphModule:
     env: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
         if node.op == "output":
-            break
+            raise KeyError(f"{hook_name!r} is not a node of the graph")
         env[node] = graph.node_copy(node, lambda n: env[n])
         if node.op == "call_module" and node.target == hook_name:
             graph.output(env[node])
             break
-    else:
-        raise KeyError(f"{hook_name!r} is not a node of the graph")
     truncated = fx.GraphModule(gm, graph, class_name="TruncatedGraphModule")
     for name, child in gm.named_children():
         setattr(truncated, name, child)
     truncated.graph.eliminate_dead_code()
     truncated.recompile()
+    _quiet_errors(type(truncated))
     return truncated
+
+
+def _quiet_errors(cls) -> None:
+    """Plain ``nn.Module`` calls: fx's wrapper prints ~25 lines of generated code to stderr for every exception
+    raised inside the graph, even one the caller catches. The traceback already names the failing line."""
+    cls.__call__ = torch.nn.Module.__call__
+
+
+def _retrace(hf_model, options: dict):
+    from ..pipeline import trace
+    return trace(hf_model, **options)
