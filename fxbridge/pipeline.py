@@ -75,8 +75,8 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
         names = spec.passes + (("hook_attn_result",) if use_attn_result else ())
         results = run_passes(ctx, [PASSES[name] for name in names], progress=say)
         report = TraceReport(spec.model_type, captured.seconds, results, capture_notes=list(captured.notes))
-        gm = HookedGraphModule(captured.root, captured.graph, spec=spec, dims=dims, aliases=ctx.aliases,
-                               report=report, options={"use_attn_result": use_attn_result},
+        gm = HookedGraphModule(captured.root, captured.graph, spec=spec, dims=dims, report=report,
+                               options={"use_attn_result": use_attn_result},
                                traced_dtype=param.dtype if param is not None and param.is_floating_point() else None,
                                traced_on_meta=param is not None and param.device.type == "meta")
         report.total_seconds = time.perf_counter() - start

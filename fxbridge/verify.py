@@ -13,6 +13,7 @@ import logging
 import torch
 
 from .errors import UsageError, VerificationError
+from .runtime.names import hook_name
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def verify(gm, model: torch.nn.Module | None = None, *, batch: int = 2, seq: int
 
     with _reference_attention(model):
         hf_out = _hf_layer_outputs(model, gm.spec.layers, ids, mask)
-    names = [f"blocks.{i}.hook_resid_post" for i in range(len(hf_out["layers"]))]
+    names = [hook_name("hook_resid_post", i) for i in range(len(hf_out["layers"]))]
     names = [n for n in names if n in gm.hook_dict]
     with torch.no_grad():
         logits, cache = gm.run_with_cache(ids, attention_mask=mask, names_filter=names)

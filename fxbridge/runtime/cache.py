@@ -6,34 +6,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from ..errors import unknown_hook_error
-
-_ACT_ALIASES = {"attn": "pattern", "attn_logits": "attn_scores", "key": "k", "query": "q", "value": "v",
-                "mlp_pre": "pre", "mlp_post": "post"}
-_LAYER_TYPE_ALIASES = {"a": "attn", "m": "mlp", "b": "", "block": "", "blocks": "", "attention": "attn"}
-_ATTN_ACTS = {"q", "k", "v", "z", "rot_q", "rot_k", "result", "pattern", "attn_scores", "attn_scores_pre_cap"}
-_MLP_ACTS = {"pre", "pre_linear", "post"}
-_NORM_ACTS = {"scale", "normalized"}
-
-
-def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
-    """TransformerLens's ``utils.get_act_name``: ("pattern", 3) -> "blocks.3.attn.hook_pattern"."""
-    if ("." in name or name.startswith("hook_")) and layer is None:
-        return name
-    name = _ACT_ALIASES.get(name, name)
-    full = f"blocks.{layer}." if layer is not None else ""
-    if name in _ATTN_ACTS:
-        layer_type = "attn"
-    elif name in _MLP_ACTS:
-        layer_type = "mlp"
-    elif layer_type in _LAYER_TYPE_ALIASES:
-        layer_type = _LAYER_TYPE_ALIASES[layer_type]
-    if layer_type:
-        full += f"{layer_type}."
-    full += f"hook_{name}"
-    if name in _NORM_ACTS and layer is None:
-        full = f"ln_final.{full}"
-    return full
-
+from .names import get_act_name
 
 class ActivationCache(Mapping):
     """Activations from ``run_with_cache``, one entry per hook point; read-only mapping."""

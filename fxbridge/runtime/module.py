@@ -33,6 +33,7 @@ from ..errors import UsageError, unknown_hook_error
 from .cache import ActivationCache
 from .fast_forward import build_fast_forward, slots_for
 from .hook_point import HookHandle, HookPoint
+from .names import aliases_for, hook_name, shape_of
 
 NameOrFilter = "str | Callable[[str], bool]"
 
@@ -41,7 +42,7 @@ class HookedGraphModule(fx.GraphModule):
     """``gm(input_ids, attention_mask=None, stop_at_layer=None) -> logits`` plus the hook API (HOOKS.md)."""
 
     def __init__(self, root: torch.nn.Module, graph: fx.Graph, *, spec, dims: dict[str, int],
-                 aliases: dict[str, str] | None = None, report=None, options: dict | None = None,
+                 report=None, options: dict | None = None,
                  traced_dtype: torch.dtype | None = None, traced_on_meta: bool = False):
         super().__init__(root, graph, class_name="HookedGraphModule")
         self.training = False  # an inference capture (the HF model's own mode is the caller's)
@@ -60,7 +61,7 @@ class HookedGraphModule(fx.GraphModule):
         self._fxb_options = dict(options or {})  # the trace() options, to trace again on unpickling
         self._fxb_dtype = traced_dtype
         self._fxb_meta = traced_on_meta
-        self._index_hooks(aliases or {})
+        self._index_hooks()
 
     # ----------------------------------------------------------------------------------------------- forward
     def recompile(self):
@@ -139,7 +140,7 @@ class HookedGraphModule(fx.GraphModule):
             if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
                 setattr(root, node.target, copy.deepcopy(getattr(self, node.target), memo))
         return HookedGraphModule(root, copy.deepcopy(self.graph, memo), spec=self.spec, dims=self.dims,
-                                 aliases=self.aliases, report=self.report, options=self._fxb_options,
+                                 report=self.report, options=self._fxb_options,
                                  traced_dtype=self._fxb_dtype, traced_on_meta=self._fxb_meta)
 
     def _truncated_module(self, layer: int) -> fx.GraphModule:
@@ -156,11 +157,11 @@ class HookedGraphModule(fx.GraphModule):
         if not 0 <= layer < n:
             raise ValueError(f"stop_at_layer must be in [-{n}, {n}), got {layer}")
         if layer not in self._truncated:
-            self._truncated[layer] = truncate_at(self, f"blocks.{layer}.hook_resid_pre")
+            self._truncated[layer] = truncate_at(self, hook_name("hook_resid_pre", layer))
         return self._truncated[layer]
 
     # ------------------------------------------------------------------------------------------------- hooks
-    def _index_hooks(self, aliases: dict[str, str]) -> None:
+    def _index_hooks(self) -> None:
         points = {name: m for name, m in self.named_modules() if isinstance(m, HookPoint) and not name.startswith("hf.")}
         # hook_dict lists the points in the order they fire: graph order, a core's points at the core's node
         children: dict[str, list[str]] = {}
@@ -175,7 +176,8 @@ class HookedGraphModule(fx.GraphModule):
         self.hook_dict: dict[str, HookPoint] = ordered
         for name, module in ordered.items():
             module.name = name
-        self.aliases = {a: c for a, c in aliases.items() if c in self.hook_dict}
+            module.shape = shape_of(name) or module.shape  # the contract's shape (names.py) where it has the point
+        self.aliases = aliases_for(ordered)  # TransformerBridge spellings, from the hook table
 
     def hook_table(self):
         """One row per hook point: name, symbolic shape, dtype, HF module, pass; ``print()`` it for a table."""
