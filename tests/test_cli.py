@@ -201,11 +201,10 @@ def test_unwritable_export_path_is_one_line_before_tracing(config_json, tmp_path
         if os.geteuid() == 0:
             pytest.skip("root writes into a chmod 555 directory")
         (tmp_path / "ro").mkdir(mode=0o555)
-    out = {"parent-is-file": f"{config_json}/sub/out.json", "proc": "/proc/fxbridge-test-out.json",
-           "read-only-dir": str(tmp_path / "ro" / "out.json"), "is-a-directory": str(tmp_path)}[where]
     if where == "is-a-directory":
         (tmp_path / "d.json").mkdir()
-        out = str(tmp_path / "d.json")
+    out = {"parent-is-file": f"{config_json}/sub/out.json", "proc": "/proc/fxbridge-test-out.json",
+           "read-only-dir": str(tmp_path / "ro" / "out.json"), "is-a-directory": str(tmp_path / "d.json")}[where]
     assert cli.main(["export", str(config_json), out]) == 2
     line = _one_error_line(capsys)
     assert "cannot write" in line and repr(out) in line
