@@ -1,1 +1,2 @@
-"""The fxbridge benchmark suite: model shapes in configs/*.json, run with ``python -m benchmarks.run``."""
+"""The fxbridge benchmark runner, ``python -m benchmarks.run`` (= ``fxbridge bench``); the suite's model shapes are
+package data in ``fxbridge/bench_configs/*.json``."""

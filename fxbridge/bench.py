@@ -12,8 +12,11 @@ CUDA every timing synchronises, and peak memory is ``torch.cuda.max_memory_alloc
     tlens         TransformerLens TransformerBridge forward, only when transformer_lens is importable
 
 plus ``trace()`` seconds for the model itself and, with ``--meta-trace``, for the same config on the meta device.
-MODEL is a config.json (random weights), a benchmarks/configs/*.json entry (its name or path; ``--variant cpu``
-picks its small sizes), or anything ``fxbridge.loading.load_model`` accepts.
+MODEL is a config.json (random weights), a suite entry (``fxbridge/bench_configs/*.json``, shipped with the package:
+its name or path; ``--variant cpu`` picks its small sizes; ``--list`` lists them), or anything
+``fxbridge.loading.load_model`` accepts. Without MODEL the whole suite runs, and entries that cannot be built or
+traced here are skipped with a note; a MODEL that cannot be built or traced is an error (exit status 2 for
+fxbridge's own errors, as everywhere on the command line).
 Results print as a table; ``--json PATH`` writes them as JSON (never commit results).
 """
 from __future__ import annotations
@@ -25,36 +28,53 @@ import logging
 import statistics
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .loading import load_model, model_from_config
+from .loading import _first_line, load_model, model_from_config, parse_device, parse_dtype
 
 log = logging.getLogger(__name__)
 
 WORKLOADS = ("hf", "traced", "hooks_resid", "cache_all", "cache_one", "tlens")
-SUITE_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+NOTE_CHARS = 160  # an error in a table row or note: its type and first line, cut to this length
+
+
+def _note(exc: BaseException) -> str:
+    return _first_line(exc)[:NOTE_CHARS]
 
 
 # ------------------------------------------------------------------------------------------------ models
-def suite_entries(directory: Path = SUITE_DIR) -> list[dict]:
-    """The benchmark suite: one dict per benchmarks/configs/*.json (name, config, cpu overrides)."""
+def suite_dir():
+    """The suite's directory, a ``Traversable`` (a ``Path`` in a regular install): package data of the installed
+    fxbridge (pyproject's package-data), found relative to the package, so no repository checkout is needed."""
+    return resources.files("fxbridge") / "bench_configs"
+
+
+def suite_entries(directory=None) -> list[dict]:
+    """The benchmark suite: one dict per ``fxbridge/bench_configs/*.json`` (name, config, cpu overrides)."""
+    directory = suite_dir() if directory is None else directory
     entries = []
-    for path in sorted(directory.glob("*.json")):
+    for path in sorted((p for p in directory.iterdir() if p.name.endswith(".json")), key=lambda p: p.name):
         entry = json.loads(path.read_text())
-        entry.setdefault("name", path.stem)
+        entry.setdefault("name", Path(path.name).stem)
         entry["path"] = str(path)
         entries.append(entry)
     return entries
 
 
 def _entry_for(source: str) -> dict | None:
+    from .errors import ModelLoadError
+
     path = Path(source)
     if path.suffix == ".json" and path.is_file():
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot read a model config from {source!r}: {_first_line(exc)}") from exc
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"{source!r} is not a model config (a JSON object)")
         if "config" in data:
             return {"name": data.get("name", path.stem), **data}
         return {"name": path.stem, "config": data}  # a plain HF config.json
@@ -68,20 +88,29 @@ def entry_config(entry: dict, variant: str = "full"):
     """The HF config of a suite entry; ``variant="cpu"`` applies its small-size overrides."""
     import transformers
 
+    from .errors import ModelLoadError
+
     values = dict(entry["config"])
     if variant == "cpu":
         values.update(entry.get("cpu", {}))
     values.pop("architectures", None)
     values.pop("torch_dtype", None)
-    model_type = values.pop("model_type")
-    return transformers.AutoConfig.for_model(model_type, **values)
+    try:
+        return transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+    except (KeyError, TypeError, ValueError) as exc:  # no model_type, one this transformers does not know, ...
+        raise ModelLoadError(f"cannot make an HF config for {entry['name']!r}: {_first_line(exc)}") from exc
 
 
-def load(source: str, *, device: str, dtype: torch.dtype, variant: str = "full", meta: bool = False, seed: int = 0):
-    """(name, model) for a bench MODEL argument (see the module docstring)."""
+def load(source: str, *, device: str | torch.device, dtype: torch.dtype, variant: str = "full", meta: bool = False,
+         seed: int = 0):
+    """(name, model) for a bench MODEL argument (see the module docstring); the architecture is checked
+    (``UnsupportedArchitecture``) before any weight is built."""
+    from .architectures import get_spec
+
     entry = _entry_for(source)
     if entry is not None:
         config = entry_config(entry, variant)
+        get_spec(config)
         return entry["name"], model_from_config(config, device=device, dtype=dtype, meta=meta, seed=seed)
     return source, load_model(source, device=device, dtype=dtype, meta=meta, seed=seed)
 
@@ -173,8 +202,11 @@ def _tlens_forward(model, ids):
     return lambda: bridge(ids)
 
 
-def bench_model(name: str, model, *, batch: int, seq: int, warmup: int, repeats: int, meta_config=None) -> dict:
-    """Trace ``model`` and time every workload against its HF forward. Returns one result row (a dict)."""
+def bench_model(name: str, model, *, batch: int, seq: int, warmup: int, repeats: int, meta_config=None,
+                skip_errors: bool = True) -> dict:
+    """Trace ``model`` and time every workload against its HF forward. Returns one result row (a dict).
+
+    A model that cannot be traced gives a row with ``skipped`` (``skip_errors=False``: the error propagates)."""
     from . import trace
     from .errors import UnsupportedArchitecture
 
@@ -188,11 +220,11 @@ def bench_model(name: str, model, *, batch: int, seq: int, warmup: int, repeats:
         gm = trace(model)
         row["trace_s"] = time.perf_counter() - start
         row["capture_notes"] = list(getattr(gm.report, "capture_notes", []))
-    except UnsupportedArchitecture:
-        row["skipped"] = f"model_type {model.config.model_type!r} is not supported yet"
-        return row
-    except Exception as exc:  # another engineer's architecture may be half-landed: note it, keep going
-        row["skipped"] = f"trace failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    except Exception as exc:  # a suite run notes it and goes on with the next entry
+        if not skip_errors:
+            raise
+        row["skipped"] = (f"model_type {model.config.model_type!r} is not supported yet"
+                          if isinstance(exc, UnsupportedArchitecture) else f"trace failed: {_note(exc)}")
         return row
     if meta_config is not None:
         row.update(meta_trace(meta_config, dtype))
@@ -225,7 +257,7 @@ def meta_trace(config, dtype) -> dict:
         return {"meta_trace_s": time.perf_counter() - start, "meta_layers": int(config.num_hidden_layers),
                 "meta_capture_notes": list(getattr(gm.report, "capture_notes", []))}
     except Exception as exc:
-        return {"meta_trace_error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+        return {"meta_trace_error": _note(exc)}
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -259,7 +291,7 @@ def format_table(rows: list[dict]) -> str:
 # --------------------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
-                        help="config JSON, suite name (benchmarks/configs) or a model fxbridge.loading accepts; "
+                        help="config JSON, suite name (--list) or a model fxbridge.loading accepts; "
                              "default: the whole suite")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on cuda, fp32 on cpu)")
@@ -273,33 +305,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time trace() of the real-shape config on the meta device (suite entries)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="write the results to this path as JSON")
+    parser.add_argument("--list", action="store_true", help="list the suite's entries (name, model_type, file); exit")
+
+
+def _list_suite() -> int:
+    for entry in suite_entries():
+        print(f"{entry['name']:<20} {entry['config']['model_type']:<14} {entry['path']}")
+    return 0
+
+
+def _skipped(source: str, device: torch.device, why: str) -> dict:
+    print(f"{source}: skipped ({why})", file=sys.stderr, flush=True)
+    return {"model": source, "device": str(device), "skipped": why}
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """Bench ``args.model``, or every suite entry when it is None. Errors about an explicitly named model (it cannot
+    be found, built or traced; a bad ``--device``, ``--dtype`` or ``--json`` path) raise, before any timing."""
+    from .cli import check_writable
+    from .errors import UnsupportedArchitecture
+
+    if args.list:
+        return _list_suite()
+    device = parse_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_cuda = device.type == "cuda"
+    dtype = parse_dtype(args.dtype) or (torch.bfloat16 if on_cuda else torch.float32)
+    if args.json:
+        check_writable(args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
-    on_cuda = device.type == "cuda"
-    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
     variant = args.variant or ("full" if on_cuda else "cpu")
     batch, seq = args.batch or (4 if on_cuda else 2), args.seq or (512 if on_cuda else 128)
     repeats = args.repeats or (20 if on_cuda else 15)
-    sources = [args.model] if args.model else [e["name"] for e in suite_entries()]
+    explicit = args.model is not None
     rows = []
-    for source in sources:
+    for source in [args.model] if explicit else [e["name"] for e in suite_entries()]:
         started = time.perf_counter()
         try:
-            name, model = load(source, device=str(device), dtype=dtype, variant=variant)
-        except SystemExit:
-            raise
+            name, model = load(source, device=device, dtype=dtype, variant=variant)
         except Exception as exc:
-            rows.append({"model": source, "device": str(device),
-                         "skipped": f"could not build: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})
-            print(f"{source}: skipped ({rows[-1]['skipped']})", file=sys.stderr)
+            if explicit:
+                raise
+            rows.append(_skipped(source, device, f"model_type {exc.model_type!r} is not supported yet"
+                                 if isinstance(exc, UnsupportedArchitecture) else f"could not build: {_note(exc)}"))
             continue
         entry = _entry_for(source)
         meta_cfg = entry_config(entry, "full") if (entry and args.meta_trace and "cpu" in entry) else None
-        row = bench_model(name, model, batch=batch, seq=seq, warmup=args.warmup, repeats=repeats, meta_config=meta_cfg)
+        row = bench_model(name, model, batch=batch, seq=seq, warmup=args.warmup, repeats=repeats, meta_config=meta_cfg,
+                          skip_errors=not explicit)
         row["variant"] = variant if entry else "loaded"
         row["bench_s"] = time.perf_counter() - started
         rows.append(row)
@@ -311,10 +364,21 @@ def run(args: argparse.Namespace) -> int:
             torch.cuda.empty_cache()
     print(format_table(rows))
     if args.json:
-        meta = {"torch": torch.__version__, "transformers": _version("transformers"), "device_name":
-                torch.cuda.get_device_name(device) if on_cuda else "cpu", "threads": torch.get_num_threads()}
-        Path(args.json).write_text(json.dumps({"env": meta, "results": rows}, indent=2))
+        _write_json(args.json, rows, device)
     return 0
+
+
+def _write_json(path: str, rows: list[dict], device: torch.device) -> None:
+    from .errors import UsageError
+
+    on_cuda = device.type == "cuda"
+    meta = {"torch": torch.__version__, "transformers": _version("transformers"), "device_name":
+            torch.cuda.get_device_name(device) if on_cuda else "cpu", "threads": torch.get_num_threads()}
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({"env": meta, "results": rows}, indent=2))
+    except OSError as exc:
+        raise UsageError(f"cannot write {path!r}: {exc.strerror or exc}") from exc
 
 
 def _version(package: str) -> str:
@@ -332,5 +396,6 @@ def main(argv: list[str] | None = None) -> int:
     return run(parser.parse_args(argv))
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # through the command line, for its one-line errors
+    from .cli import main as cli_main
+    sys.exit(cli_main(["bench", *sys.argv[1:]]))

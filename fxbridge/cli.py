@@ -7,15 +7,19 @@ checkpoint directory, or a hub id (real weights through ``AutoModelForCausalLM.f
     fxbridge export path/to/config.json gemma2.svg --layer 3 --view collapsed
     fxbridge bench path/to/config.json               # traced vs eager HF timings (fxbridge/bench.py)
 
-Errors the user can fix (a missing file, an unsupported architecture, Graphviz not installed) print one line
-and exit with status 2.
+Errors the user can fix (a missing file, an unsupported architecture, a device this machine lacks, an output path
+that cannot be written, Graphviz not installed) print one line and exit with status 2. They are checked before
+the slow steps: the config is read and its architecture checked before any weight is built or loaded.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 EXIT_USAGE = 2
 
@@ -26,13 +30,55 @@ def _demo(args) -> int:
     return 0
 
 
-def _load_and_trace(args, *, verify: bool = False):
+def _load_and_trace(args, *, verify: bool = False, before_weights=None):
+    """Validate the options, read the config, check its architecture and call ``before_weights(config)``; only
+    then build (or load) the weights and trace."""
     import fxbridge as bridge
-    from .loading import load_model
+    from .architectures import get_spec
+    from .loading import load_model, parse_device, parse_dtype, read_config
 
-    model = load_model(args.model, device=args.device, dtype=args.dtype, meta=args.meta, seed=args.seed)
+    device, dtype = parse_device(args.device), parse_dtype(args.dtype)
+    config = read_config(args.model, meta=args.meta)  # the config only: no weights yet
+    get_spec(config)
+    if before_weights is not None:
+        before_weights(config)
+    model = load_model(args.model, device=device, dtype=dtype, meta=args.meta, seed=args.seed, config=config,
+                       progress=not args.quiet)
     gm = bridge.trace(model, progress=not args.quiet, verify=verify and not args.meta)
     return model, gm
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail now, not after a slow load and trace, when ``path`` cannot be written. Leaves nothing behind.
+
+    Missing directories are fine (they are created when the file is written); a parent that is a file, a target
+    that is a directory, or a directory that refuses new files (``/proc``, read-only) raises ``UsageError``.
+    """
+    from .errors import UsageError
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"cannot write {str(path)!r}: it is a directory")
+    if path.exists():
+        try:
+            with open(path, "ab"):  # appends nothing: only asks whether writing is allowed
+                pass
+        except OSError as exc:
+            raise UsageError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from exc
+        return path
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UsageError(f"cannot write {str(path)!r}: {str(ancestor)!r} is a file, not a directory")
+    try:  # the only reliable test (root ignores permission bits; /proc refuses new files)
+        fd, probe = tempfile.mkstemp(dir=ancestor, prefix=".fxbridge-probe-")
+    except OSError as exc:
+        raise UsageError(f"cannot write {str(path)!r}: cannot create files in {str(ancestor)!r} "
+                         f"({exc.strerror or exc})") from exc
+    os.close(fd)
+    os.unlink(probe)
+    return path
 
 
 def _inspect(args) -> int:
@@ -56,15 +102,31 @@ def _inspect(args) -> int:
 
 
 def _export(args) -> int:
+    """Every check that needs no weights runs first: format and view, the model's config (architecture, layer
+    index), Graphviz, the output path; only then are the weights built and traced."""
     import fxbridge as bridge
 
+    from .architectures import dims_from_config
     from .errors import UsageError
-    from .exporter import FORMATS
-    if not args.out.lower().endswith(FORMATS):  # fail before the (slow) trace
+    from .exporter import FORMATS, RENDERED, check_layer, check_renderer
+    ext = Path(args.out).suffix.lower()
+    if ext not in FORMATS:
         raise UsageError(f"cannot export to {args.out!r}: use one of the extensions {', '.join(FORMATS)}")
-    _, gm = _load_and_trace(args)
+    if args.view == "layer" and args.layer is None:
+        raise UsageError("--view layer needs --layer N (the decoder layer to show)")
+
+    def before_weights(config):
+        if args.layer is not None:
+            check_layer(args.layer, dims_from_config(config)["n_layers"])
+        if ext in RENDERED:
+            check_renderer(ext)
+        check_writable(args.out)
+    _, gm = _load_and_trace(args, before_weights=before_weights)
     view = args.view or ("layer" if args.layer is not None else "full")
-    path = bridge.export(gm, args.out, view=view, layer=args.layer)
+    try:
+        path = bridge.export(gm, args.out, view=view, layer=args.layer)
+    except OSError as exc:  # a full disk, a directory removed meanwhile, ...
+        raise UsageError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
     print(f"wrote {path}")
     return 0
 
@@ -130,14 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FxBridgeError as exc:
         # errors the user can act on: one line, no traceback (set FXBRIDGE_DEBUG=1 for it)
-        import os
         if os.environ.get("FXBRIDGE_DEBUG"):
             raise
         message = " ".join(str(exc).split())
         print(f"fxbridge: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `fxbridge inspect ... | head`: the reader left; not an error
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:

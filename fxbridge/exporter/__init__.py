@@ -14,8 +14,8 @@ from pathlib import Path
 from torch import fx
 
 from ..errors import NotTracedError, UsageError
-from .graph import VIEWS, ExportGraph, GNode, build_graph
-from .writers import render, to_dot, to_json, write_graphml
+from .graph import VIEWS, ExportGraph, GNode, build_graph, check_layer
+from .writers import RENDERED, check_renderer, render, to_dot, to_json, write_graphml
 from .writers import to_networkx as _graph_to_networkx
 
 FORMATS = (".dot", ".gv", ".json", ".graphml", ".svg", ".png", ".pdf")
@@ -72,4 +72,5 @@ def export(gm, path, *, view: str = "full", layer: int | None = None, title: str
     return path
 
 
-__all__ = ["ExportGraph", "FORMATS", "GNode", "VIEWS", "build_graph", "export", "graph_of", "to_networkx"]
+__all__ = ["ExportGraph", "FORMATS", "GNode", "RENDERED", "VIEWS", "build_graph", "check_layer", "check_renderer",
+           "export", "graph_of", "to_networkx"]

@@ -62,6 +62,14 @@ class ExportGraph:
                 "edges": [{"source": s, "target": t, "relation": r} for s, t, r in self.edges]}
 
 
+def check_layer(layer: int, n_layers: int) -> int:
+    """``layer`` as an index in ``[0, n_layers)`` (negative counts from the end); ``UsageError`` if out of range."""
+    index = layer + n_layers if layer < 0 else layer
+    if not 0 <= index < n_layers:
+        raise UsageError(f"layer must be in [0, {n_layers}), got {layer}")
+    return index
+
+
 def build_graph(gm: fx.GraphModule, view: str = "full", layer: int | None = None) -> ExportGraph:
     """The picture of ``gm`` in one of ``VIEWS``; ``layer`` restricts any view to one decoder layer."""
     if view not in VIEWS:
@@ -70,10 +78,7 @@ def build_graph(gm: fx.GraphModule, view: str = "full", layer: int | None = None
         raise UsageError("view='layer' needs layer=N (the decoder layer to show)")
     n_layers = getattr(gm, "dims", {}).get("n_layers")
     if layer is not None and n_layers is not None:
-        if layer < 0:
-            layer += n_layers
-        if not 0 <= layer < n_layers:
-            raise UsageError(f"layer must be in [0, {n_layers}), got {layer}")
+        layer = check_layer(layer, n_layers)
     graph = _fine_graph(gm)
     if layer is not None:
         graph = _only_layer(graph, layer)

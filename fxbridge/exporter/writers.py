@@ -94,15 +94,24 @@ def write_graphml(graph: ExportGraph, path: Path) -> None:
     nx.write_graphml(g, str(path))
 
 
-def render(dot_text: str, path: Path, fmt: str) -> None:
-    """Render DOT to ``fmt`` (svg, png, pdf) with Graphviz; MissingDependency says how to install what is missing."""
-    ext = "." + fmt
+RENDERED = (".svg", ".png", ".pdf")
+
+
+def check_renderer(ext: str):
+    """The ``graphviz`` module when ``ext`` (.svg .png .pdf) can be rendered here; else MissingDependency (cheap)."""
     try:
         import graphviz
     except ImportError as exc:
         raise MissingDependency(_INSTALL_PY.format(ext=ext)) from exc
     if shutil.which("dot") is None:
         raise MissingDependency(_INSTALL_DOT.format(ext=ext))
+    return graphviz
+
+
+def render(dot_text: str, path: Path, fmt: str) -> None:
+    """Render DOT to ``fmt`` (svg, png, pdf) with Graphviz; MissingDependency says how to install what is missing."""
+    ext = "." + fmt
+    graphviz = check_renderer(ext)
     try:
         data = graphviz.Source(dot_text).pipe(format=fmt)
     except graphviz.ExecutableNotFound as exc:
