@@ -1,0 +1,73 @@
+"""hook_mlp on toy graphs: hook_pre (gate or input projection), hook_pre_linear (gated: up), hook_post."""
+import torch
+import torch.nn.functional as F
+
+from toy import (GPT2_SPEC, LLAMA_SPEC, captured, delta, eager, hook_nodes, max_diff, module_io, no_match, op_counts,
+                 run, run_pass, tokens, toy_dims, toy_spec, watch)
+
+
+def _gated(i):
+    return [f"blocks.{i}.mlp.hook_pre", f"blocks.{i}.mlp.hook_pre_linear", f"blocks.{i}.mlp.hook_post"]
+
+
+def test_gated_mlp_gets_three_hooks_per_layer_with_the_toy_values():
+    toy = captured("llama")
+    root, graph = toy.fresh()
+    before = op_counts(graph)
+    aliases = {}
+    assert run_pass("hook_mlp", graph, root, LLAMA_SPEC, toy_dims(toy.model.config), aliases=aliases) == 6
+    assert delta(before, op_counts(graph)) == {}
+    assert hook_nodes(graph) == _gated(0) + _gated(1)
+    assert aliases["blocks.1.mlp.gate.hook_out"] == "blocks.1.mlp.hook_pre"
+    assert aliases["blocks.1.mlp.in.hook_out"] == "blocks.1.mlp.hook_pre_linear"
+    assert aliases["blocks.1.mlp.out.hook_in"] == "blocks.1.mlp.hook_post"
+    seen = watch(root, _gated(0) + _gated(1))
+    ids = tokens()
+    assert max_diff(run(root, graph, ids), eager(toy.model, ids)) == 0.0
+    for i in range(2):
+        mlp = f"model.layers.{i}.mlp"
+        io = module_io(toy.model, ids, [f"{mlp}.gate_proj", f"{mlp}.up_proj"])
+        gate, up = io[f"{mlp}.gate_proj"][1], io[f"{mlp}.up_proj"][1]
+        assert torch.equal(seen[f"blocks.{i}.mlp.hook_pre"], gate)
+        assert torch.equal(seen[f"blocks.{i}.mlp.hook_pre_linear"], up)
+        assert max_diff(seen[f"blocks.{i}.mlp.hook_post"], F.silu(gate) * up) == 0.0
+
+
+def test_plain_mlp_gets_pre_and_post():
+    toy = captured("gpt2")
+    root, graph = toy.fresh()
+    before = op_counts(graph)
+    assert run_pass("hook_mlp", graph, root, GPT2_SPEC, toy_dims(toy.model.config)) == 4
+    assert delta(before, op_counts(graph)) == {}
+    names = [f"blocks.{i}.mlp.hook_{h}" for i in range(2) for h in ("pre", "post")]
+    assert hook_nodes(graph) == names
+    seen = watch(root, names)
+    ids = tokens()
+    assert max_diff(run(root, graph, ids), eager(toy.model, ids)) == 0.0
+    pre = module_io(toy.model, ids, ["model.layers.1.mlp.c_fc"])["model.layers.1.mlp.c_fc"][1]
+    assert torch.equal(seen["blocks.1.mlp.hook_pre"], pre)
+    assert max_diff(seen["blocks.1.mlp.hook_post"], F.gelu(pre, approximate="tanh")) == 0.0
+
+
+def test_editing_hook_post_changes_only_the_down_projection_input():
+    toy = captured("llama")
+    root, graph = toy.fresh()
+    run_pass("hook_mlp", graph, root, LLAMA_SPEC, toy_dims(toy.model.config))
+    root.get_submodule("blocks.1.mlp.hook_post").add_hook(lambda t, hook: t * 0)
+    ids = tokens()
+    handle = toy.model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda mod, args: (args[0] * 0,))
+    try:
+        want = eager(toy.model, ids)
+    finally:
+        handle.remove()
+    assert max_diff(run(root, graph, ids), want) == 0.0
+
+
+def test_a_spec_naming_another_mlp_matches_nothing():
+    toy = captured("llama")
+    root, graph = toy.fresh()
+    before = op_counts(graph)
+    err = no_match("hook_mlp", graph, root, toy_spec(mlp="ffn"), toy_dims(toy.model.config))
+    assert (err.expected, err.found) == (6, 0)
+    assert isinstance(err.__cause__, LookupError) and "input of model.layers.0.ffn.down_proj" in str(err)
+    assert hook_nodes(graph) == [] and op_counts(graph) == before
