@@ -12,7 +12,7 @@ import pytest
 from fxbridge import bench, cli
 from fxbridge.bench import main, suite_entries
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SUITE_FILES = ["falcon-7b-scaled", "gemma-2-2b", "gemma-4-text", "llama-3.2-1b", "santacoder-1b"]
 
 
