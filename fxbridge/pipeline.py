@@ -68,7 +68,7 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
         model.eval()
         if say:
             say(f"capturing {type(model).__name__} ({dims['n_layers']} layers) with torch.export ...")
-        captured = capture(model)
+        captured = capture(model, layers=spec.layers)
         if say:
             say(f"captured {len(captured.graph.nodes)} nodes in {captured.seconds:.1f}s; rewriting")
         ctx = PassContext(captured.graph, captured.root, spec, dims, model.config)

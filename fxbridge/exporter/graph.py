@@ -17,6 +17,7 @@ from torch import fx
 
 from ..errors import UsageError
 from ..runtime.hook_point import HookPoint
+from ..tracer.graph_facts import hf_path
 from .values import (core_hook_values, dtype_of, layer_of, module_of, node_values, resolve_letters, shape_of, shape_str,
                      symbol_names)
 
@@ -129,7 +130,7 @@ def _gnode(gm, node: fx.Node, val, names, layers_path) -> GNode:
     elif node.op == "output":
         g.kind, g.label = "output", "output (logits)"
     elif node.op == "get_attr":
-        g.kind, g.label = "param", g.target[3:] if g.target.startswith("hf.") else g.target
+        g.kind, g.label = "param", hf_path(g.target) or g.target
     else:
         g.label = g.target.replace("aten.", "").replace(".default", "")
     if shape is not None and g.kind != "output":

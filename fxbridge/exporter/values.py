@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from ..runtime.hook_point import HookPoint
+from ..tracer.graph_facts import BLOCKS, hf_path, layer_index, stack_items
 
 _CORE_RUNS_ATTR = "_fxbridge_core_runs"  # on the graph: {node name: (out, seen)}; never a global table (leak)
 _LETTER_DIMS = {"D": "d_model", "H": "n_heads", "Hkv": "n_kv_heads", "dh": "d_head", "V": "d_vocab", "F": "d_mlp"}
@@ -132,26 +133,19 @@ def module_of(node: fx.Node) -> tuple[str, str]:
     """(innermost HF module path, its class name) a node came from; ('', '') for the top level."""
     if node.op == "get_attr":
         target = str(node.target)
-        path = target[3:] if target.startswith("hf.") else target
-        return path.rpartition(".")[0], ""
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, cls in reversed(list(stack.values())):
-        if not path.startswith("_empty"):
-            name = getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1].strip("'>")
-            return path, name
-    return "", ""
+        path = hf_path(target)
+        return (target if path is None else path).rpartition(".")[0], ""
+    items = stack_items(node)
+    if not items:
+        return "", ""
+    path, cls = items[-1]
+    return path, getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1].strip("'>")
 
 
 def layer_of(name_or_path: str, layers_path: str | None) -> int | None:
     """The decoder-layer index of a hook name (``blocks.3.``) or HF module path (``model.layers.3.``)."""
-    m = re.match(r"blocks\.(\d+)(\.|$)", name_or_path)
-    if m:
-        return int(m.group(1))
-    if layers_path:
-        m = re.match(re.escape(layers_path) + r"\.(\d+)(\.|$)", name_or_path)
-        if m:
-            return int(m.group(1))
-    return None
+    layer = layer_index(name_or_path, BLOCKS)
+    return layer if layer is not None else layer_index(name_or_path, layers_path)
 
 
 def core_hook_values(gm, node: fx.Node, vals: dict) -> dict[str, Any]:

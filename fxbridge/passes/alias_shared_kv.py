@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import torch
 
+from ..tracer.attention_op import AttentionCall
+from ..tracer.graph_facts import layer_index, scoped_meta
 from .base import PassContext, graph_pass
-from .graph_utils import stack_paths
 
-ATTENTION_OP = torch.ops.fxbridge.attention.default
 aten = torch.ops.aten
 # Moves a reading layer may apply to the reused tensors (transformers 5.17 writes ``key_states.to(q.device)``).
 _MOVES = {aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default}
 
 
-def layer_of(node, spec) -> int | None:
-    """The decoder layer a node was computed in, from its module stack; None outside the layers."""
-    prefix = spec.layers + "."
-    for path in stack_paths(node):
-        if path.startswith(prefix) and path[len(prefix):].split(".")[0].isdigit():
-            return int(path[len(prefix):].split(".")[0])
-    return None
-
-
-def _reused(node, spec, reader: int):
+def _reused(node, layers: str, reader: int):
     """The tensor a layer reads, looking through device moves made inside that reading layer."""
-    while node.op == "call_function" and node.target in _MOVES and layer_of(node, spec) == reader:
+    while node.op == "call_function" and node.target in _MOVES and layer_index(node, layers) == reader:
         node = node.args[0]
     return node
 
@@ -38,24 +29,24 @@ def _reused(node, spec, reader: int):
 @graph_pass(expects=lambda spec, dims: dims.get("n_kv_shared_layers", 0))
 def alias_shared_kv(ctx: PassContext) -> int:
     """Alias reused keys inside the KV-shared layer that reads them."""
-    graph, spec = ctx.graph, ctx.spec
+    graph, layers = ctx.graph, ctx.spec.layers
     found = 0
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target == ATTENTION_OP]:
-        q, read_k, read_v = node.args[:3]
-        reader = layer_of(node, spec)
-        k, v = _reused(read_k, spec, reader), _reused(read_v, spec, reader)
-        owner = layer_of(k, spec)
+    for call in AttentionCall.find(graph):
+        node, read_k, read_v = call.node, call.k, call.v
+        reader = layer_index(node, layers)
+        k, v = _reused(read_k, layers, reader), _reused(read_v, layers, reader)
+        owner = layer_index(k, layers)
         if owner == reader:
             continue
-        if owner is None or owner > reader or layer_of(v, spec) != owner:
+        if owner is None or owner > reader or layer_index(v, layers) != owner:
             raise ValueError(f"attention of layer {reader} reads keys of layer {owner} and values of layer "
-                             f"{layer_of(v, spec)}; expected both from one earlier layer")
+                             f"{layer_index(v, layers)}; expected both from one earlier layer")
         with graph.inserting_before(node):
             alias = graph.call_function(aten.alias.default, (k,))
-        alias.meta.update({key: node.meta[key] for key in ("nn_module_stack",) if key in node.meta})
+        alias.meta.update(scoped_meta(node, None))
         alias.meta["val"] = k.meta.get("val")
         alias.meta["fxbridge_shared_kv_from"] = owner
-        node.args = (q, alias, v, *node.args[3:])
+        node.args = call.replace(k=alias, v=v).args
         for moved in {read_k, read_v} - {k, v}:  # same-device moves now unused
             if not moved.users:
                 graph.erase_node(moved)

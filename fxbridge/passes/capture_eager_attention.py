@@ -23,12 +23,13 @@ import operator
 import torch
 from torch import fx
 
+from ..tracer.attention_op import AttentionCall
+from ..tracer.graph_facts import ModuleRegion, scoped_meta
 from .base import PassContext, graph_pass
-from .graph_utils import module_nodes, single
+from .graph_utils import single
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-ATTENTION_OP = torch.ops.fxbridge.attention.default
 
 _SOFTMAX = {aten.softmax.int, aten._softmax.default}
 _MATMUL = {aten.matmul.default, aten.bmm.default}
@@ -120,7 +121,7 @@ def capture_layer(ctx: PassContext, layer: int) -> None:
     """Find one layer's softmax, parse its scores and pattern @ v, and put the attention node in their place."""
     spec, dims, graph = ctx.spec, ctx.dims, ctx.graph
     attn_path = spec.layer(layer, spec.attn)
-    nodes = module_nodes(graph, attn_path)
+    nodes = ModuleRegion.of(graph, attn_path).nodes
     softmax = single([n for n in nodes if n.target in _SOFTMAX], f"softmax in {attn_path}")
     if softmax.args[1] not in (-1, 3):
         raise LookupError(f"the softmax in {attn_path} is over dim {softmax.args[1]}, not the key dim")
@@ -139,11 +140,11 @@ def capture_layer(ctx: PassContext, layer: int) -> None:
         for term, coef in terms:
             term = _scaled_term(graph, term, coef)
             mask = term if mask is None else graph.call_function(aten.add.Tensor, (mask, term))
-        op = graph.call_function(ATTENTION_OP, (q, k_in, v_in, mask, float(scores.coef), None, layer))
+        op = AttentionCall(q, k_in, v_in, mask, float(scores.coef), None, layer).emit(graph)
         out = graph.call_function(aten.transpose.int, (op, 1, 2))
     for n in set(graph.nodes) - before:
-        n.meta.update({"nn_module_stack": dict(softmax.meta.get("nn_module_stack", {})),
-                       "fxbridge_pass": "capture_eager_attention"})
+        n.meta.update(scoped_meta(softmax, None))
+        n.meta["fxbridge_pass"] = "capture_eager_attention"
     pv.replace_all_uses_with(out)
     _erase_unused(graph, [pv, softmax, scores.qk])
 

@@ -5,24 +5,19 @@
     z = blocks.i.attn(q', k', v, mask)                     (fused SDPA, or eager with hook_attn_scores/pattern)
     z = hook_z(z)
 """
-import torch
-
 from ..runtime.cores import AttentionCore
+from ..tracer.attention_op import AttentionCall
+from ..tracer.graph_facts import layer_index
 from .base import PassContext, graph_pass
-from .graph_utils import SWAP_HEADS_POS, hook_after, hook_viewed, install, stack_paths
-
-ATTENTION_OP = torch.ops.fxbridge.attention.default
+from .graph_utils import SWAP_HEADS_POS, hook_after, hook_viewed, install
 
 
-def _layer_of(node, spec, layer_idx: int) -> int:
-    """The decoder layer a node sits in, from its module stack (layer_idx from HF is only a cross-check)."""
-    prefix = spec.layers + "."
-    for path in stack_paths(node):
-        if path.startswith(prefix):
-            head = path[len(prefix):].split(".")[0]
-            if head.isdigit():
-                return int(head)
-    raise LookupError(f"attention call {node.name} (layer_idx={layer_idx}) is outside {spec.layers}.*")
+def _layer_of(call: AttentionCall, layers: str) -> int:
+    """The decoder layer an attention call sits in, from its module stack (HF's layer_idx is not relied on)."""
+    layer = layer_index(call.node, layers)
+    if layer is None:
+        raise LookupError(f"attention call {call.node.name} (layer_idx={call.layer_idx}) is outside {layers}.*")
+    return layer
 
 
 def _check_softcap(softcap, config) -> None:
@@ -36,18 +31,18 @@ def hook_attention(ctx: PassContext) -> int:
     """Turn fxbridge.attention nodes into AttentionCore modules with rot_q/rot_k/z hooks."""
     spec, graph = ctx.spec, ctx.graph
     found = 0
-    for node in [n for n in graph.nodes if n.op == "call_function" and n.target == ATTENTION_OP]:
-        q, k, v, mask, scaling, softcap, layer_idx = node.args
-        layer = _layer_of(node, spec, layer_idx)
-        _check_softcap(softcap, ctx.config)
+    for call in AttentionCall.find(graph):
+        node, q, k = call.node, call.q, call.k
+        layer = _layer_of(call, spec.layers)
+        _check_softcap(call.softcap, ctx.config)
         attn_path = spec.layer(layer, spec.attn)
         name = f"blocks.{layer}.attn"
-        core_module = AttentionCore(scaling, softcap, layer)
+        core_module = AttentionCore(call.scaling, call.softcap, layer)
         for point in core_module.children():
             point.made_by, point.hf_module = "hook_attention", attn_path
         install(ctx.root, name, core_module)
         with graph.inserting_before(node):
-            core = graph.call_module(name, (q, k, v, mask))
+            core = call.with_layer(layer).emit_core(graph, name)
         core.meta.update(node.meta)
         core.meta["fxbridge_pass"] = "hook_attention"
         node.replace_all_uses_with(core)

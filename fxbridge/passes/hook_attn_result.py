@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from ..tracer.graph_facts import ModuleRegion, hf_target, scoped_meta
 from .base import PassContext, graph_pass
-from .graph_utils import hook_after, module_inputs, module_nodes, module_output, scoped_meta, single
+from .graph_utils import hook_after, single
 
 # Weight layouts of the output projection, as einops patterns to [heads, d_head, d_model].
 _LINEAR = "d (h k) -> h k d"  # nn.Linear: weight [D, H*dh]
@@ -43,24 +44,24 @@ def hook_attn_result(ctx: PassContext) -> int:
     found = 0
     for layer in range(ctx.dims["n_layers"]):
         path = spec.layer(layer, f"{spec.attn}.{spec.o_proj}")
-        module = ctx.root.get_submodule(f"hf.{path}")
+        module = ctx.root.get_submodule(hf_target(path))
         layout = _CONV1D if type(module).__name__ == "Conv1D" else _LINEAR
-        nodes = module_nodes(graph, path)
-        x = single(module_inputs(graph, path), f"input of {path}")
-        out = module_output(graph, path)
+        region = ModuleRegion.of(graph, path)
+        x = single(region.inputs, f"input of {path}")
+        out = region.output
         if out is None:
             continue
         meta = scoped_meta(out, spec.layer(layer, spec.attn))
         with graph.inserting_before(out):
-            weight = graph.get_attr(f"hf.{path}.weight")
-            bias = graph.get_attr(f"hf.{path}.bias") if getattr(module, "bias", None) is not None else None
+            weight = graph.get_attr(hf_target(f"{path}.weight"))
+            bias = graph.get_attr(hf_target(f"{path}.bias")) if getattr(module, "bias", None) is not None else None
             result = graph.call_function(per_head_result, (x, weight, ctx.dims["n_heads"], layout))
             summed = graph.call_function(sum_heads, (result, bias))
         for node in (weight, result, summed, *([bias] if bias is not None else [])):
             node.meta.update(meta)
             node.meta["fxbridge_pass"] = "hook_attn_result"
         out.replace_all_uses_with(summed)
-        _erase_module(graph, nodes)
+        _erase_module(graph, region.nodes)
         hook_after(graph, ctx.root, result, f"blocks.{layer}.attn.hook_result", shape=("B", "S", "H", "D"),
                    made_by="hook_attn_result", scope=spec.layer(layer, spec.attn), hf_module=path)
         found += 1

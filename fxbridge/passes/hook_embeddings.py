@@ -8,7 +8,8 @@ TransformerLens does (the expand is a view: nothing is copied).
 import torch
 
 from .base import PassContext, graph_pass
-from .graph_utils import hook_after, hook_viewed, module_output
+from ..tracer.graph_facts import ModuleRegion
+from .graph_utils import hook_after, hook_viewed
 
 aten = torch.ops.aten
 
@@ -22,12 +23,12 @@ def _batch_of(node):
 def hook_embeddings(ctx: PassContext) -> int:
     """Hook the outputs of the token and position embedding modules."""
     spec, graph = ctx.spec, ctx.graph
-    embed = module_output(graph, spec.embed)
+    embed = ModuleRegion.of(graph, spec.embed).output
     if embed is None:
         return 0
     found = 1
     if spec.pos_embed is not None:
-        pos = module_output(graph, spec.pos_embed)
+        pos = ModuleRegion.of(graph, spec.pos_embed).output
         if pos is not None:
             if _batch_of(pos) == 1 and _batch_of(embed) != 1:
                 ids = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "input_ids")

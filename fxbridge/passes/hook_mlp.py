@@ -4,8 +4,9 @@ output) and ``hook_post`` (the input of the down projection).
     h = act(linear(x, W_gate)) * linear(x, W_up)      ->   h = act(hook_pre(gate)) * hook_pre_linear(up)
     y = linear(h, W_down)                             ->   y = linear(hook_post(h), W_down)
 """
+from ..tracer.graph_facts import ModuleRegion
 from .base import PassContext, graph_pass
-from .graph_utils import hook_after, module_inputs, module_nodes, module_output, single
+from .graph_utils import hook_after, single
 
 
 def _expected(spec, dims) -> int:
@@ -25,17 +26,17 @@ def hook_mlp(ctx: PassContext) -> int:
         if spec.mlp_gate:
             todo.append((spec.layer(layer, f"{spec.mlp}.{spec.mlp_in}"), "hook_pre_linear"))
         for path, hook in todo:
-            out = module_output(graph, path)
+            out = ModuleRegion.of(graph, path).output
             if out is None:
                 continue
             hook_after(graph, ctx.root, out, f"{prefix}.{hook}", shape=("B", "S", "F"), made_by="hook_mlp",
                        scope=mlp_path, hf_module=path)
             found += 1
         down_path = spec.layer(layer, f"{spec.mlp}.{spec.mlp_out}")
-        post = single(module_inputs(graph, down_path), f"input of {down_path}")
-        inside = set(module_nodes(graph, down_path))
+        down = ModuleRegion.of(graph, down_path)
+        post = single(down.inputs, f"input of {down_path}")
         hook_after(graph, ctx.root, post, f"{prefix}.hook_post", shape=("B", "S", "F"), made_by="hook_mlp",
-                   scope=mlp_path, users=[u for u in post.users if u in inside], hf_module=down_path)
+                   scope=mlp_path, users=[u for u in post.users if u in down], hf_module=down_path)
         found += 1
         ctx.aliases.update({
             f"{prefix}.{'gate' if spec.mlp_gate else 'in'}.hook_out": f"{prefix}.hook_pre",

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from ..tracer.graph_facts import ModuleRegion, scoped_meta
 from .base import PassContext, graph_pass
-from .graph_utils import hook_after, hook_viewed, module_inputs, module_nodes, module_output, single
+from .graph_utils import hook_after, hook_viewed, single
 
 aten = torch.ops.aten
 _SOFTMAX = {aten.softmax.int, aten._softmax.default}
@@ -34,13 +35,13 @@ def _getitem(node, index: int):
 
 def _batch_seq(graph, router_path: str):
     """Symbolic B and S of the token ids (HF flattens the [B,S,D] residual into the router's [B*S,D] input)."""
-    flat = single(module_inputs(graph, router_path), f"input of {router_path}")
+    flat = single(ModuleRegion.of(graph, router_path).inputs, f"input of {router_path}")
     ids = single([n for n in graph.nodes if n.op == "placeholder" and n.name == "input_ids"], "input_ids placeholder")
     with graph.inserting_before(flat):
         b = graph.call_function(aten.sym_size.int, (ids, 0))
         s = graph.call_function(aten.sym_size.int, (ids, 1))
     for n in (b, s):
-        n.meta["nn_module_stack"] = dict(flat.meta.get("nn_module_stack", {}))
+        n.meta.update(scoped_meta(flat, None))
     return b, s
 
 
@@ -51,16 +52,16 @@ def hook_moe(ctx: PassContext) -> int:
     found = 0
     for i in range(ctx.dims["n_layers"]):
         layer, router, experts = spec.layer(i), spec.layer(i, "router"), spec.layer(i, "experts")
-        logits = module_output(graph, f"{router}.proj")
+        logits = ModuleRegion.of(graph, f"{router}.proj").output
         if logits is None:
             continue
         b, s = _batch_seq(graph, router)
         tokens = ((aten.unflatten.int, (0, [b, s])), (aten.flatten.using_ints, (0, 1)))
         probs = single([u for u in logits.users if u.target in _SOFTMAX], f"router softmax of {router}")
         indices = _getitem(single([u for u in probs.users if u.target in _TOPK], f"top-k of {router}"), 1)
-        inside = set(module_nodes(graph, router))
-        weights = single([n for n in module_inputs(graph, experts) if n in inside], f"routing weights {experts} reads")
-        slots = single([n for n in module_nodes(graph, experts) if _rank(n) == 3
+        routing, expert_region = ModuleRegion.of(graph, router), ModuleRegion.of(graph, experts)
+        weights = single([n for n in expert_region.inputs if n in routing], f"routing weights {experts} reads")
+        slots = single([n for n in expert_region.nodes if _rank(n) == 3
                         and any(u.target in _SUMS and u.args[1] == [1] for u in n.users)],
                        f"per-slot outputs [N,K,D] summed by {experts}")
         blk, common = f"blocks.{i}", dict(made_by="hook_moe", scope=layer)
@@ -72,7 +73,7 @@ def hook_moe(ctx: PassContext) -> int:
                 (slots, "moe.hook_expert_out", ("B", "S", "K", "D"), experts)):
             hook_viewed(graph, root, node, f"{blk}.{name}", to_hook=tokens[0], from_hook=tokens[1], shape=shape,
                         hf_module=path, **common)
-        out = module_output(graph, f"{layer}.post_feedforward_layernorm_2")
+        out = ModuleRegion.of(graph, f"{layer}.post_feedforward_layernorm_2").output
         hook_after(graph, root, out, f"{blk}.hook_moe_out", shape=("B", "S", "D"), hf_module=layer, **common)
         found += PER_LAYER
     return found

@@ -9,8 +9,9 @@ The cores run HF's fused expression unless a norm hook is attached, then split i
 import torch
 
 from ..runtime.cores import LayerNormCore, RMSNormCore
+from ..tracer.graph_facts import ModuleRegion
 from .base import PassContext, graph_pass
-from .graph_utils import install, module_nodes
+from .graph_utils import install
 
 aten = torch.ops.aten
 _LAYER_NORMS = {aten.layer_norm.default}
@@ -83,7 +84,7 @@ def hook_norms(ctx: PassContext) -> int:
     rewrite = {"rms": _rewrite_rms, "layernorm": _rewrite_layer_norm}[ctx.spec.norm]
     found = 0
     for prefix, path in norm_sites(ctx.spec, ctx.dims):
-        if rewrite(ctx, prefix, module_nodes(ctx.graph, path)):
+        if rewrite(ctx, prefix, ModuleRegion.of(ctx.graph, path).nodes):
             core = ctx.root.get_submodule(prefix)
             for point in core.children():
                 point.made_by, point.hf_module = "hook_norms", path

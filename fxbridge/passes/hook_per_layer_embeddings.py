@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from ..tracer.graph_facts import ModuleRegion, in_module
 from .base import PassContext, graph_pass
-from .graph_utils import hook_after, in_module, module_output, single
+from .graph_utils import hook_after, single
 
 aten = torch.ops.aten
 _MULS = {aten.mul.Tensor}
@@ -33,7 +34,7 @@ def hook_per_layer_embeddings(ctx: PassContext) -> int:
     found = 0
     for i in range(ctx.dims["n_layers"]):
         layer = spec.layer(i)
-        gate = module_output(graph, f"{layer}.per_layer_input_gate")
+        gate = ModuleRegion.of(graph, f"{layer}.per_layer_input_gate").output
         if gate is None:
             continue
         _check_width(gate, width, f"{layer}.per_layer_input_gate")
@@ -47,7 +48,7 @@ def hook_per_layer_embeddings(ctx: PassContext) -> int:
         hook_after(graph, root, embed, f"{blk}.ple.hook_per_layer_input", shape=("B", "S", "P"), scope=layer,
                    users=[mul], meta_from=mul, **common)
         hook_after(graph, root, mul, f"{blk}.ple.hook_gated", shape=("B", "S", "P"), scope=layer, **common)
-        out = module_output(graph, f"{layer}.post_per_layer_input_norm")
+        out = ModuleRegion.of(graph, f"{layer}.post_per_layer_input_norm").output
         hook_after(graph, root, out, f"{blk}.hook_ple_out", shape=("B", "S", "D"), scope=layer, **common)
         found += PER_LAYER
     return found

@@ -5,8 +5,9 @@ Separate projections:
 A view: nothing is copied, and the projection weights stay HF's. Specs with a fused projection (GPT-2's
 ``c_attn``) run ``split_fused_qkv`` instead.
 """
+from ..tracer.graph_facts import ModuleRegion
 from .base import PassContext, graph_pass
-from .graph_utils import heads_view, hook_viewed, module_output
+from .graph_utils import heads_view, hook_viewed
 
 _QKV = (("q", "hook_q", "n_heads", "H"), ("k", "hook_k", "n_kv_heads", "Hkv"), ("v", "hook_v", "n_kv_heads", "Hkv"))
 _ALIASES = {"hook_q": "q.hook_out", "hook_k": "k.hook_out", "hook_v": "v.hook_out"}
@@ -28,7 +29,7 @@ def hook_qkv(ctx: PassContext) -> int:
     for layer in range(ctx.dims["n_layers"]):
         attn_path = spec.layer(layer, spec.attn)
         sources = [spec.layer(layer, f"{spec.attn}.{getattr(spec, which)}") for which, *_ in _QKV]
-        nodes = [module_output(ctx.graph, path) for path in sources]
+        nodes = [ModuleRegion.of(ctx.graph, path).output for path in sources]
         for node, source, (_, hook, heads_key, heads_sym) in zip(nodes, sources, _QKV):
             if node is None:
                 continue

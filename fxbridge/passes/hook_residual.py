@@ -7,8 +7,9 @@ Sandwich-norm models hook the post-norm outputs as attn_out / mlp_out; parallel 
 """
 import torch
 
+from ..tracer.graph_facts import ModuleRegion, module_stack
 from .base import PassContext, graph_pass
-from .graph_utils import hook_after, module_inputs, module_nodes, module_output, single, stack_paths
+from .graph_utils import hook_after, single
 
 aten = torch.ops.aten
 _ADDS = {aten.add.Tensor}
@@ -19,7 +20,7 @@ def _hooks_per_layer(spec) -> int:
 
 
 def _parent_scope(node, path: str) -> str:
-    paths = stack_paths(node)
+    paths = module_stack(node)
     idx = paths.index(path)
     return paths[idx - 1] if idx > 0 else ""
 
@@ -31,12 +32,12 @@ def hook_residual(ctx: PassContext) -> int:
     found = 0
     for i in range(ctx.dims["n_layers"]):
         layer = spec.layer(i)
-        inside = set(module_nodes(graph, layer))
-        x_in = single([n for n in module_inputs(graph, spec.layer(i, spec.ln1)) if n not in inside],
+        inside = ModuleRegion.of(graph, layer)
+        x_in = single([n for n in ModuleRegion.of(graph, spec.layer(i, spec.ln1)).inputs if n not in inside],
                       f"residual input of {layer}")
-        attn_out = module_output(graph, spec.layer(i, spec.ln1_post or spec.attn))
-        mlp_out = module_output(graph, spec.layer(i, spec.ln2_post or spec.mlp))
-        out = module_output(graph, layer)
+        attn_out = ModuleRegion.of(graph, spec.layer(i, spec.ln1_post or spec.attn)).output
+        mlp_out = ModuleRegion.of(graph, spec.layer(i, spec.ln2_post or spec.mlp)).output
+        out = inside.output
         blk = f"blocks.{i}"
         common = dict(made_by="hook_residual", hf_module=layer)
         readers = [u for u in x_in.users if u in inside]

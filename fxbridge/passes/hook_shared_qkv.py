@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..tracer.graph_facts import ModuleRegion, in_module
 from .base import PassContext, graph_pass
-from .graph_utils import hook_after, in_module, module_inputs, module_output, single
+from .graph_utils import hook_after, single
 
 aten = torch.ops.aten
 _NO_OPS = {aten.to.dtype, aten.alias.default, aten._to_copy.default}  # casts that keep value and dtype
@@ -45,7 +46,7 @@ def layer_heads(config, layer: int) -> tuple[int, int, int]:
 
 def _head_view(graph: fx.Graph, proj_path: str, attn_path: str, heads: int, d_head: int) -> fx.Node | None:
     """HF's ``proj(x).view(B, S, heads, d_head)`` of projection ``proj_path``; None when the layer has none."""
-    out = module_output(graph, proj_path)
+    out = ModuleRegion.of(graph, proj_path).output
     if out is None:
         return None
     view = single([u for u in out.users if in_module(u, attn_path) and _rank(u) == 4], f"per-head view of {proj_path}")
@@ -65,7 +66,7 @@ def _value_entry(graph: fx.Graph, v_norm: str, k_hook: fx.Node) -> fx.Node:
 
     (In float32 HF's ``k.float()`` in k_norm returns k itself, so the graph has v_norm read k_norm's cast.)
     """
-    entry = single(module_inputs(graph, v_norm), f"input of {v_norm}")
+    entry = single(ModuleRegion.of(graph, v_norm).inputs, f"input of {v_norm}")
     node = entry
     while node is not k_hook and node.op == "call_function" and node.target in _NO_OPS and _same_dtype(node):
         node = node.args[0]

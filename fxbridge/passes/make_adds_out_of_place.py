@@ -7,8 +7,8 @@ operand nothing reads afterwards and that is not a view are rewritten, so the va
 """
 import torch
 
+from ..tracer.graph_facts import layer_index
 from .base import PassContext, graph_pass
-from .graph_utils import stack_paths
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default, aten.select.int,
@@ -30,12 +30,11 @@ def _safe(node, order) -> bool:
 def make_adds_out_of_place(ctx: PassContext) -> int:
     """Replace add_ inside the decoder layers by add when nothing else reads the overwritten operand later."""
     order = {n: i for i, n in enumerate(ctx.graph.nodes)}
-    prefix = ctx.spec.layers + "."
     found = 0
     for node in list(ctx.graph.nodes):
         if node.op != "call_function" or node.target != aten.add_.Tensor:
             continue
-        if not any(p.startswith(prefix) for p in stack_paths(node)):
+        if layer_index(node, ctx.spec.layers) is None:
             continue
         if not _safe(node, order):
             raise ValueError(f"{node.name}: the in-place add's operand {node.args[0].name} is read later or is a "

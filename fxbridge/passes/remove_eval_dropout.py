@@ -6,15 +6,10 @@ attention / MLP output and the residual add; removing it lets the residual hooks
 """
 import torch
 
+from ..tracer.graph_facts import layer_index
 from .base import PassContext, graph_pass
-from .graph_utils import stack_paths
 
 aten = torch.ops.aten
-
-
-def _in_layers(node, spec) -> bool:
-    prefix = spec.layers + "."
-    return any(p.startswith(prefix) for p in stack_paths(node))
 
 
 def _expected(spec, dims) -> int:
@@ -25,8 +20,8 @@ def _expected(spec, dims) -> int:
 def remove_eval_dropout(ctx: PassContext) -> int:
     """Replace dropout with train=False inside the decoder layers by its input."""
     found = 0
-    for node in list(ctx.graph.nodes):
-        if node.op == "call_function" and node.target == aten.dropout.default and _in_layers(node, ctx.spec):
+    for node in list(ctx.graph.find_nodes(op="call_function", target=aten.dropout.default)):
+        if layer_index(node, ctx.spec.layers) is not None:
             train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
             if train is not False:
                 raise ValueError(f"{node.name} is dropout in training mode; trace the model in eval mode")

@@ -9,20 +9,14 @@ upstream of both and reach them already.
 """
 from __future__ import annotations
 
-import torch
-
+from ..tracer.attention_op import AttentionCall
 from .base import PassContext, graph_pass
 
-aten = torch.ops.aten
 
-
-def _cores(graph) -> dict[int, torch.fx.Node]:
-    """layer -> the AttentionCore call of that layer (``blocks.{i}.attn``)."""
-    found = {}
-    for n in graph.nodes:
-        if n.op == "call_module" and n.target.startswith("blocks.") and n.target.endswith(".attn"):
-            found[int(n.target.split(".")[1])] = n
-    return found
+def _cores(graph) -> dict[int, AttentionCall]:
+    """layer -> the AttentionCore call of that layer."""
+    calls = (AttentionCall.of(n) for n in graph.find_nodes(op="call_module") if AttentionCall.is_core(n))
+    return {call.layer_idx: call for call in calls}
 
 
 @graph_pass(expects=lambda spec, dims: dims.get("n_kv_shared_layers", 0))
@@ -34,9 +28,9 @@ def route_shared_kv(ctx: PassContext) -> int:
     for alias in [n for n in graph.nodes if "fxbridge_shared_kv_from" in n.meta]:
         owner = cores[alias.meta["fxbridge_shared_kv_from"]]
         raw = alias.args[0]
-        hooked = owner.args[1]  # the owner's key after its hook_rot_k
+        hooked = owner.k  # the owner's key after its hook_rot_k
         if hooked is raw or hooked.op != "call_function":
-            raise LookupError(f"the key of {owner.target} is not hooked (hook_attention must run first)")
+            raise LookupError(f"the key of {owner.node.target} is not hooked (hook_attention must run first)")
         alias.replace_input_with(raw, hooked)
         found += 1
     return found

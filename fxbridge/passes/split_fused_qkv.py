@@ -29,14 +29,15 @@ from torch import fx
 from torch.utils._pytree import tree_map
 
 from ..architectures.qkv_layouts import layout_steps, split_eager
+from ..tracer.attention_op import AttentionCall
+from ..tracer.graph_facts import ModuleRegion, scoped_meta
 from .base import PassContext, graph_pass
-from .graph_utils import hook_after, module_nodes, module_output, scoped_meta
+from .graph_utils import hook_after
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 _ALIASES = {"q": "q.hook_out", "k": "k.hook_out", "v": "v.hook_out"}
 _CONST_OPS = {aten.lift_fresh_copy.default, aten.clone.default, aten.detach.default}
-_ATTENTION_OP = torch.ops.fxbridge.attention.default
 
 
 def _forms(role: str, n_heads: int, n_kv: int) -> list[tuple[str, bool]]:
@@ -117,7 +118,7 @@ def _check_size(fused: fx.Node, layout: str, dims: dict, what: str) -> None:
 def _match_region(fused, probe, candidates, attn_path) -> list[tuple[fx.Node, tuple]]:
     """HF nodes derived from ``fused`` by shape-only code whose probe equals a candidate (nearest ones only)."""
     matches = []
-    for node in module_nodes(fused.graph, attn_path):  # graph order; nodes before fused read nothing of it
+    for node in ModuleRegion.of(fused.graph, attn_path).nodes:  # graph order; nodes before fused read nothing of it
         if node.op != "call_function" or not any(a in probe.env for a in node.all_input_nodes):
             continue
         try:
@@ -143,7 +144,7 @@ def split_layer(ctx: PassContext, layer: int) -> int:
     spec, dims, graph = ctx.spec, ctx.dims, ctx.graph
     attn_path = spec.layer(layer, spec.attn)
     qkv_path = spec.layer(layer, f"{spec.attn}.{spec.qkv}")
-    fused = module_output(graph, qkv_path)
+    fused = ModuleRegion.of(graph, qkv_path).output
     if fused is None:
         raise LookupError(f"no output found for the fused projection {qkv_path}")
     _check_size(fused, spec.qkv_layout, dims, qkv_path)
@@ -156,7 +157,7 @@ def split_layer(ctx: PassContext, layer: int) -> int:
     found_roles = {key[0] for _, key in matches}
     solver = None
     while found_roles != set("qkv") and probe.meta_consts:  # each turn solves one more meta constant
-        solver = solver or _MetaSolver(ctx, layer, fused, canon, candidates, attn_path, qkv_path)
+        solver = solver or _MetaSolver(ctx, fused, canon, candidates, attn_path, qkv_path)
         probe, matches = solver.solve(probe)
         found_roles = {key[0] for _, key in matches}
     if solver:
@@ -180,12 +181,11 @@ def split_layer(ctx: PassContext, layer: int) -> int:
 class _MetaSolver:
     """Values for index constants a meta capture lost, from the attention input (role) each one's branch reaches."""
 
-    def __init__(self, ctx, layer, fused, canon, candidates, attn_path, qkv_path):
+    def __init__(self, ctx, fused, canon, candidates, attn_path, qkv_path):
         self.root, self.fused, self.canon, self.candidates = ctx.root, fused, canon, candidates
         self.attn_path, self.where = attn_path, f"HF's split of {qkv_path} (meta device)"
-        self.region = set(module_nodes(fused.graph, attn_path))
-        cores = [n for n in self.region if (n.op == "call_module" and n.target == f"blocks.{layer}.attn")
-                 or (n.op == "call_function" and n.target == _ATTENTION_OP)]
+        self.region = ModuleRegion.of(fused.graph, attn_path)
+        cores = [n for n in self.region.nodes if AttentionCall.is_op(n) or AttentionCall.is_core(n)]
         if len(cores) != 1:
             raise NotImplementedError(f"{self.where} indexes with constants whose values a meta capture does not keep, "
                                       f"and {len(cores)} attention nodes (not 1) are there to tell q, k, v apart; "
@@ -254,17 +254,17 @@ class _MetaSolver:
                 if isinstance(user.meta.get("val"), (torch.SymInt, int, float, bool)):
                     continue  # a size read off the branch is not the branch
                 if user is self.core:
-                    reached |= {i for i, a in enumerate(user.args) if a is node}
+                    reached |= AttentionCall.of(user).roles_of(node)
                 elif user not in self.region:
                     raise LookupError(f"{self.where}: {user.name}, outside {self.attn_path}, reads {node.name} of "
                                       f"the branch of constant {const.target}; cannot tell its role")
                 elif user not in seen:
                     seen.add(user)
                     todo.append(user)
-        if len(reached) != 1 or not reached <= {0, 1, 2}:
+        if len(reached) != 1 or not reached <= set("qkv"):
             raise LookupError(f"{self.where}: the branch of constant {const.target} reaches attention inputs "
-                              f"{sorted(reached)} (0=q, 1=k, 2=v, 3=mask), not exactly one of q, k, v")
-        return "qkv"[reached.pop()], seen
+                              f"{sorted(reached)}, not exactly one of q, k, v")
+        return reached.pop(), seen
 
 
 def _insert_split(ctx, fused, layer, attn_path, qkv_path) -> dict[str, fx.Node]:

@@ -30,6 +30,7 @@ import torch
 from torch import fx
 
 from ..errors import UsageError, unknown_hook_error
+from ..tracer.graph_facts import hf_path
 from .cache import ActivationCache
 from .fast_forward import build_fast_forward, slots_for
 from .hook_point import HookHandle, HookPoint
@@ -162,7 +163,7 @@ class HookedGraphModule(fx.GraphModule):
 
     # ------------------------------------------------------------------------------------------------- hooks
     def _index_hooks(self) -> None:
-        points = {name: m for name, m in self.named_modules() if isinstance(m, HookPoint) and not name.startswith("hf.")}
+        points = {name: m for name, m in self.named_modules() if isinstance(m, HookPoint) and hf_path(name) is None}
         # hook_dict lists the points in the order they fire: graph order, a core's points at the core's node
         children: dict[str, list[str]] = {}
         for name in points:

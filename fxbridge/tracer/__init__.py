@@ -1,4 +1,5 @@
-"""Capture: HF model -> torch.fx graph (see capture.py)."""
-from .capture import HF_ROOT, Captured, capture, module_path
+"""Capture: HF model -> torch.fx graph (see capture.py), and the vocabulary for reading it (graph_facts.py)."""
+from .capture import Captured, capture
+from .graph_facts import HF_ROOT
 
-__all__ = ["HF_ROOT", "Captured", "capture", "module_path"]
+__all__ = ["HF_ROOT", "Captured", "capture"]

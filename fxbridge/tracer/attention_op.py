@@ -7,15 +7,21 @@ custom op ``fxbridge::attention``; torch.export keeps a custom op as one node, s
 node per attention call with exactly the quantities TransformerLens hooks (rot_q, rot_k, v, the mask, the
 scale). ``passes/hook_attention.py`` later replaces that node by an ``AttentionCore`` module.
 
+``AttentionCall`` is how the rest of fxbridge reads and writes such a node (``call.k``, ``call.with_layer(i)``),
+and the AttentionCore call that replaces it; nothing else knows the op's argument positions.
+
 The HF model is not modified: ``capture_attention`` switches ``config._attn_implementation`` for the
 duration of the capture only and restores it (HF's own ``set_attn_implementation`` does the same switch).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch import fx
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import AttentionInterface
 
@@ -60,6 +66,79 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[
 def _attention_fake(q, k, v, mask, scaling, softcap, layer_idx):
     batch, heads, seq, _ = q.shape
     return q.new_empty(batch, seq, heads, v.shape[-1])
+
+
+ATTENTION_OP = torch.ops.fxbridge.attention.default
+_CORE_META = "fxbridge_attention"  # on an AttentionCore call: (scaling, softcap, layer_idx) of the call it replaced
+_INPUTS = ("q", "k", "v", "mask")  # the tensor inputs, in the op's order and AttentionCore.forward's
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention call of a graph: an ``fxbridge::attention`` node, or the ``AttentionCore`` call replacing it.
+
+    q [B,H,Sq,dh] (after q norm and RoPE), k / v [B,Hkv,Sk,dh] (before any repeat), the additive mask (or None),
+    and the layer's scale, attention softcap and index. ``node`` is the graph node read (None for a new call).
+    """
+
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    mask: Optional[fx.Node]
+    scaling: float
+    softcap: Optional[float]
+    layer_idx: int
+    node: Optional[fx.Node] = dataclasses.field(default=None, compare=False)
+
+    @staticmethod
+    def is_op(node: fx.Node) -> bool:
+        return node.op == "call_function" and node.target is ATTENTION_OP
+
+    @staticmethod
+    def is_core(node: fx.Node) -> bool:
+        return node.op == "call_module" and _CORE_META in node.meta
+
+    @classmethod
+    def of(cls, node: fx.Node) -> "AttentionCall":
+        if cls.is_op(node):
+            return cls(*node.args, node=node)
+        if cls.is_core(node):
+            return cls(*node.args, *node.meta[_CORE_META], node=node)
+        raise ValueError(f"{node.name} ({node.op} {node.target}) is not an attention call")
+
+    @classmethod
+    def find(cls, graph: fx.Graph) -> list["AttentionCall"]:
+        """The graph's ``fxbridge::attention`` nodes, in graph order."""
+        return [cls.of(n) for n in graph.find_nodes(op="call_function", target=ATTENTION_OP)]
+
+    @property
+    def args(self) -> tuple:
+        """The op's positional arguments."""
+        return (self.q, self.k, self.v, self.mask, self.scaling, self.softcap, self.layer_idx)
+
+    def inputs(self) -> dict[str, Optional[fx.Node]]:
+        """{"q", "k", "v", "mask"} -> the node fed there."""
+        return {role: getattr(self, role) for role in _INPUTS}
+
+    def roles_of(self, value: fx.Node) -> set[str]:
+        """Which of q, k, v, mask ``value`` is fed as."""
+        return {role for role, node in self.inputs().items() if node is value}
+
+    def replace(self, **changes) -> "AttentionCall":
+        return dataclasses.replace(self, **changes)
+
+    def with_layer(self, layer_idx: int) -> "AttentionCall":
+        return self.replace(layer_idx=layer_idx)
+
+    def emit(self, graph: fx.Graph) -> fx.Node:
+        """A new ``fxbridge::attention`` node for this call (at the graph's insertion point)."""
+        return graph.call_function(ATTENTION_OP, self.args)
+
+    def emit_core(self, graph: fx.Graph, target: str) -> fx.Node:
+        """A call of the AttentionCore module at ``target`` with this call's inputs (it holds scale and softcap)."""
+        node = graph.call_module(target, tuple(self.inputs().values()))
+        node.meta[_CORE_META] = (self.scaling, self.softcap, self.layer_idx)
+        return node
 
 
 def _hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,

@@ -27,11 +27,11 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from ..errors import CaptureError
 from .attention_op import capture_attention
+from .graph_facts import HF_ROOT, hf_target
 from .stitch import capture_stitched
 
 log = logging.getLogger(__name__)
 
-HF_ROOT = "hf"  # attribute under which the traced module holds the HF model
 INPUTS = ("input_ids", "attention_mask")
 
 # Ops that only check metadata at runtime; the graph is already specialised on what they check.
@@ -111,7 +111,7 @@ def _unlift(ep, model) -> tuple[torch.nn.Module, fx.Graph]:
                     env[node].meta.update(node.meta)
                 continue  # use_cache and other constant user inputs vanish
             if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
-                new = graph.get_attr(f"{HF_ROOT}.{spec.target}")
+                new = graph.get_attr(hf_target(spec.target))
             else:  # lifted tensor constants: keep them on the root, not in the HF model
                 name = f"_const_{n_const}"
                 n_const += 1
@@ -140,10 +140,14 @@ def _unlift(ep, model) -> tuple[torch.nn.Module, fx.Graph]:
     return root, graph
 
 
-def capture(model, *, batch: int = 2, seq: int = 7) -> Captured:
-    """Capture ``model`` into a graph whose get_attr nodes point at the model's own parameters."""
+def capture(model, *, layers: str | None, batch: int = 2, seq: int = 7) -> Captured:
+    """Capture ``model`` into a graph whose get_attr nodes point at the model's own parameters.
+
+    ``layers`` is the path of the decoder layers (the spec's ``layers``): their repetition is what stitching uses;
+    None captures every layer.
+    """
     start = time.perf_counter()
-    stitched = capture_stitched(model, export_model, _unlift, batch=batch, seq=seq)
+    stitched = None if layers is None else capture_stitched(model, layers, export_model, _unlift, batch=batch, seq=seq)
     if stitched is not None:
         root, graph, notes = stitched
     else:
@@ -154,11 +158,3 @@ def capture(model, *, batch: int = 2, seq: int = 7) -> Captured:
     log.info("captured %s in %.1fs (%d nodes; %s)", type(model).__name__, seconds, len(graph.nodes), notes[0])
     return Captured(root=root, graph=graph, seconds=seconds, example_shape=(batch, seq), notes=notes)
 
-
-def module_path(node: fx.Node) -> str:
-    """The innermost HF module path a node came from ('' for the top level)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return "" if path.startswith("_empty") else path

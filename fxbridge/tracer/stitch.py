@@ -26,10 +26,12 @@ import time
 import torch
 from torch import fx
 
+from .attention_op import AttentionCall
+from .graph_facts import HF_ROOT, hf_path, hf_target, layer_index, relayer, relayer_meta
+
 log = logging.getLogger(__name__)
 
 _INDEX_ATTRS = ("layer_idx", "layer_index", "layer_id", "layer_number")
-ATTENTION_OP = "fxbridge.attention"  # str() of the custom op overload is "fxbridge.attention.default"
 
 
 class _Refuse(Exception):
@@ -40,11 +42,14 @@ def enabled() -> bool:
     return os.environ.get("FXBRIDGE_STITCH", "1") not in ("0", "false", "no", "off")
 
 
-def decoder_layers(model) -> tuple[str, torch.nn.ModuleList] | None:
-    """(path, ModuleList) of the decoder layers: the one ModuleList whose length is num_hidden_layers."""
+def decoder_layers(model, path: str) -> torch.nn.ModuleList | None:
+    """The decoder layers at ``path`` (the spec's ``layers``): a ModuleList of ``num_hidden_layers`` layers."""
+    try:
+        layers = model.get_submodule(path)
+    except AttributeError:
+        return None
     n = getattr(model.config, "num_hidden_layers", None)
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
-    return found[0] if len(found) == 1 else None
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) == n else None
 
 
 def _simple(value) -> bool:
@@ -96,31 +101,9 @@ def shallow_model(model, n_layers: int, path: str):
     return shallow
 
 
-def _layer_of(node: fx.Node, prefix: str) -> int | None:
-    if node.op == "get_attr":
-        rest = node.target[len("hf."):] if node.target.startswith("hf.") else ""
-        paths = [rest]
-    else:
-        paths = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
-    for p in paths:
-        if p.startswith(prefix):
-            head = p[len(prefix):].split(".", 1)[0]
-            if head.isdigit():
-                return int(head)
-    return None
-
-
-def _rename(value: str, prefix: str, t: int, i: int) -> str:
-    old = f"{prefix}{t}"
-    if value == old or value.startswith(old + "."):
-        return f"{prefix}{i}" + value[len(old):]
-    return value
-
-
 def stitch(graph: fx.Graph, path: str, n_layers: int, p: int, device: torch.device) -> fx.Graph:
     """The graph of an ``n_layers`` model from ``graph``, a capture of the same model with 2p layers."""
-    prefix = path + "."
-    layer = {n: _layer_of(n, prefix) for n in graph.nodes}
+    layer = {n: layer_index(n, path) for n in graph.nodes}
     body = {k: [n for n in graph.nodes if layer[n] == k and n.op != "get_attr"] for k in range(2 * p)}
     outer = [n for n in graph.nodes if layer[n] is None]
     depends = set()  # outer nodes computed from some layer's output: the epilogue
@@ -139,7 +122,7 @@ def stitch(graph: fx.Graph, path: str, n_layers: int, p: int, device: torch.devi
         if n in depends and any(layer[u] is not None for u in n.users):
             raise _Refuse(f"{n.name} is computed between layers")
     outs = [_layer_output(body[k], layer, k) for k in range(2 * p)]
-    carried0 = _check_periodic(body, layer, outs, p, prefix)
+    carried0 = _check_periodic(body, layer, outs, p, path)
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     attrs: dict[str, fx.Node] = {}
@@ -166,19 +149,16 @@ def stitch(graph: fx.Graph, path: str, n_layers: int, p: int, device: torch.devi
             if a in local:
                 return local[a]
             if a.op == "get_attr" and layer[a] == t:
-                return get_attr("hf." + _rename(a.target[3:], prefix, t, i), a)
+                return get_attr(hf_target(relayer(hf_path(a.target), path, t, i)), a)
             if (t == 0 and a is carried0) or (t > 0 and a is outs[t - 1]):
                 return prev_out
             return env[a]
 
         for n in body[t]:
             copied = new.node_copy(n, arg)
-            copied.meta = dict(n.meta)
-            stack = n.meta.get("nn_module_stack")
-            if stack:
-                copied.meta["nn_module_stack"] = {k: (_rename(v[0], prefix, t, i), v[1]) for k, v in stack.items()}
-            if str(n.target) == f"{ATTENTION_OP}.default":
-                copied.args = (*copied.args[:6], i)
+            copied.meta = relayer_meta(n.meta, path, t, i)
+            if AttentionCall.is_op(copied):
+                copied.args = AttentionCall.of(copied).with_layer(i).args
             local[n] = copied
         prev_out = local[outs[t]]
     last = outs[2 * p - 1]
@@ -203,7 +183,7 @@ def _layer_output(nodes: list[fx.Node], layer: dict, k: int) -> fx.Node:
     return outs[0]
 
 
-def _check_periodic(body: dict, layer: dict, outs: list, p: int, prefix: str) -> fx.Node:
+def _check_periodic(body: dict, layer: dict, outs: list, p: int, path: str) -> fx.Node:
     """Layers t and t+p must match op for op; returns the value layer 0 reads as its incoming residual."""
     carried0 = None
     for t in range(p):
@@ -217,29 +197,33 @@ def _check_periodic(body: dict, layer: dict, outs: list, p: int, prefix: str) ->
         for a, b in zip(a_nodes, b_nodes):
             if a.op != b.op or a.target != b.target:
                 raise _Refuse(f"layers {t} and {t + p} differ at {a.name} / {b.name}")
-            is_attn = str(a.target) == f"{ATTENTION_OP}.default"
-            flat_a, flat_b = _flat(a.args, a.kwargs), _flat(b.args, b.kwargs)
+            flat_a, flat_b = _flat(_unlabelled(a), a.kwargs), _flat(_unlabelled(b), b.kwargs)
             if len(flat_a) != len(flat_b):
                 raise _Refuse(f"{a.name} / {b.name} have different arguments")
             for j, (x, y) in enumerate(zip(flat_a, flat_b)):
                 if isinstance(x, fx.Node) and isinstance(y, fx.Node):
-                    carried0 = _same_source(x, y, t, p, layer, pos_a, pos_b, outs, carried0, prefix)
+                    carried0 = _same_source(x, y, t, p, layer, pos_a, pos_b, outs, carried0, path)
                 elif isinstance(x, fx.Node) or isinstance(y, fx.Node):
                     raise _Refuse(f"{a.name} / {b.name} differ in argument {j}")
-                elif not (is_attn and j == 6) and not _equal_const(x, y):
+                elif not _equal_const(x, y):
                     raise _Refuse(f"{a.name} / {b.name} differ in constant {x!r} / {y!r} (index-dependent code)")
     if carried0 is None:
         raise _Refuse("could not find the residual stream entering layer 0")
     return carried0
 
 
-def _same_source(x, y, t, p, layer, pos_a, pos_b, outs, carried0, prefix):
+def _unlabelled(node: fx.Node) -> tuple:
+    """The node's arguments, an attention call's layer index left out (the one constant layers may differ in)."""
+    return AttentionCall.of(node).with_layer(-1).args if AttentionCall.is_op(node) else node.args
+
+
+def _same_source(x, y, t, p, layer, pos_a, pos_b, outs, carried0, path):
     if x in pos_a and y in pos_b:
         if pos_a[x] != pos_b[y]:
             raise _Refuse(f"layers {t} and {t + p} wire {x.name} / {y.name} differently")
         return carried0
     if x.op == "get_attr" and y.op == "get_attr" and layer[x] == t and layer[y] == t + p:
-        if "hf." + _rename(x.target[3:], prefix, t, t + p) != y.target:
+        if hf_target(relayer(hf_path(x.target), path, t, t + p)) != y.target:
             raise _Refuse(f"weights {x.target} / {y.target} differ")
         return carried0
     if y is outs[t + p - 1]:  # the residual stream coming in
@@ -286,19 +270,19 @@ def _prologue_constants(root, graph: fx.Graph, path: str) -> dict[str, torch.Ten
     constants = dict(root.named_buffers(recurse=False))
     for node in graph.nodes:
         if node.op == "get_attr" and node.target in constants:
-            if any(_layer_of(user, path + ".") is not None for user in node.users):
+            if any(layer_index(user, path) is not None for user in node.users):
                 raise _Refuse(f"decoder layers read the constant {node.target}")
     return constants
 
 
-def capture_stitched(model, export_model, unlift, *, batch: int, seq: int):
-    """(root, graph, notes) of a depth-flat capture of ``model``, or None when stitching does not apply."""
+def capture_stitched(model, path: str, export_model, unlift, *, batch: int, seq: int):
+    """(root, graph, notes) of a depth-flat capture of ``model`` whose decoder layers are at ``path``, or None when
+    stitching does not apply."""
     if not enabled():
         return None
-    found = decoder_layers(model)
-    if found is None:
+    layers = decoder_layers(model, path)
+    if layers is None:
         return None
-    path, layers = found
     try:
         p = period([layer_kind(model, layers, i) for i in range(len(layers))])
         if 2 * p >= len(layers):
@@ -311,7 +295,7 @@ def capture_stitched(model, export_model, unlift, *, batch: int, seq: int):
                 raise _Refuse(f"layer {j} of the shallow copy differs from the model's")
         ep = export_model(shallow, batch=batch, seq=seq)
         root, graph = unlift(ep, shallow)
-        if any(name != "hf" for name, _ in root.named_children()):
+        if any(name != HF_ROOT for name, _ in root.named_children()):
             raise _Refuse("the capture holds submodules of its own")
         constants = _prologue_constants(root, graph, path)
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
@@ -321,7 +305,7 @@ def capture_stitched(model, export_model, unlift, *, batch: int, seq: int):
         log.info("stitching %s does not apply (%s); capturing every layer", type(model).__name__, why)
         return None
     root = torch.nn.Module()
-    root.add_module("hf", model)
+    root.add_module(HF_ROOT, model)
     for name, value in constants.items():
         root.register_buffer(name, value, persistent=False)
     note = f"stitched: captured {2 * p} of {len(layers)} layers (period {p}) in {time.perf_counter() - start:.1f}s"

@@ -408,7 +408,7 @@ def test_gemma4_passes_match_nothing_elsewhere_and_fail_loudly_when_they_should_
     from fxbridge.passes import PASSES, PassContext, run_passes
     from fxbridge.tracer import capture
     model = build("llama")
-    captured = capture(model)
+    captured = capture(model, layers=get_spec(model).layers)
     dims = dims_from_config(model.config)
     ctx = PassContext(captured.graph, captured.root, get_spec(model), dims, model.config)
     for name, key in (("alias_shared_kv", "n_kv_shared_layers"), ("hook_per_layer_embeddings", "d_per_layer_input"),

@@ -1,5 +1,5 @@
 """alias_shared_kv on toy graphs: a KV-shared layer reads the reused keys through an alias made in that layer."""
-from fxbridge.passes.graph_utils import stack_paths
+from fxbridge.tracer.graph_facts import module_stack
 from toy import (LLAMA_SPEC, captured, delta, eager, max_diff, no_match, op_counts, run, run_pass, tokens, toy_dims)
 
 ATTENTION = "fxbridge.attention.default"
@@ -22,7 +22,7 @@ def test_the_sharing_layer_reads_the_owner_keys_through_a_local_alias():
     alias = reader.args[1]
     assert str(alias.target) == "aten.alias.default" and alias.args == (k0,)
     assert alias.meta["fxbridge_shared_kv_from"] == 0
-    assert stack_paths(alias)[-1] == "model.layers.1.self_attn"
+    assert module_stack(alias)[-1] == "model.layers.1.self_attn"
     assert reader.args[2] is v0 and owner.args[1] is k0  # values and the owner's own keys are untouched
     ids = tokens()
     assert max_diff(run(root, graph, ids), eager(toy.model, ids)) == 0.0

@@ -216,11 +216,11 @@ def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, perio
     model = build_from_config(_deeper(make(), n_layers))
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")
-    captured = capture(model)
+    captured = capture(model, layers="model.layers")
     assert captured.notes[0].startswith(f"stitched: captured {2 * period} of {n_layers} layers")
     stitched = bridge.trace(model)
     monkeypatch.setenv("FXBRIDGE_STITCH", "0")
-    assert capture(model).notes == ["captured every layer"]
+    assert capture(model, layers="model.layers").notes == ["captured every layer"]
     full = bridge.trace(model)
     assert list(stitched.hook_dict) == list(full.hook_dict)
     ops = lambda gm: [(n.op, str(n.target)) for n in gm.graph.nodes if n.op != "get_attr"]
@@ -245,7 +245,7 @@ def test_layers_whose_code_depends_on_their_index_are_not_stitched():
     model = build_from_config(config)
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")
-    assert capture(model).notes == ["captured every layer"]  # layer i divides its scores by i + 1
+    assert capture(model, layers="transformer.h").notes == ["captured every layer"]  # layer i divides its scores by i + 1
     gm = bridge.trace(model)
     ids = tokens(2, 7)
     with torch.no_grad():
