@@ -281,7 +281,7 @@ def copy_graph(graph: fx.Graph) -> fx.Graph:
 
 def capture_toy(model: nn.Module) -> Toy:
     """Capture ``model`` as ``fxbridge.trace`` does (torch.export, get_attr nodes into ``hf.*``)."""
-    out = capture(model)
+    out = capture(model, layers="model.layers")  # every toy keeps its layers where Llama does
     return Toy(model, out.root, out.graph)
 
 
