@@ -18,7 +18,7 @@ from torch import fx
 from ..errors import UsageError
 from ..runtime.hook_point import HookPoint
 from ..tracer.graph_facts import hf_path
-from .values import (core_hook_values, dtype_of, layer_of, module_of, node_values, resolve_letters, shape_of, shape_str,
+from ..runtime.values import (core_hook_values, dtype_of, layer_of, module_of, node_values, resolve_letters, shape_of, shape_str,
                      symbol_names)
 
 VIEWS = ("full", "layer", "collapsed")

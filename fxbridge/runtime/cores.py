@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tracer.attention_op import eager_attention
+from .attention import eager_attention, fused_attention
 from .hook_point import FastCallModule, HookPoint
 
 
@@ -47,51 +47,19 @@ class AttentionCore(FastCallModule):
             pattern_hook=self.hook_pattern,
         )
 
+    def fake_values(self, q, k, v, mask):
+        """(output, {child: value it sees}) on fake inputs, from shapes and dtypes alone (the graph's metadata)."""
+        batch, heads, q_len, _ = q.shape
+        scores_dtype = torch.promote_types(q.dtype, k.dtype)
+        if mask is not None:
+            scores_dtype = torch.promote_types(scores_dtype, mask.dtype)
+        scores = q.new_empty((batch, heads, q_len, k.shape[2]), dtype=scores_dtype)
+        inner = {name: scores for name in ("hook_attn_scores_pre_cap", "hook_attn_scores") if hasattr(self, name)}
+        inner["hook_pattern"] = q.new_empty(scores.shape, dtype=q.dtype)
+        return q.new_empty((batch, q_len, heads, v.shape[-1]), dtype=torch.promote_types(q.dtype, v.dtype)), inner
+
     def extra_repr(self) -> str:
         return f"layer={self.layer}, scaling={self.scaling:.4g}, softcap={self.softcap}"
-
-
-def is_plain_causal(mask: torch.Tensor | None, q_len: int, k_len: int) -> bool:
-    """Whether additive ``mask`` [B,1|H,S,S] is exactly HF's causal mask (0 on and below the diagonal, finfo.min
-    above): no padding, no sliding window cutting inside the sequence. Then SDPA's ``is_causal=True`` computes the
-    same softmax (masked entries contribute exactly 0 either way) and may use the flash kernel.
-
-    The answer is stored on the mask tensor, so the layers sharing one mask in a forward check it once (one
-    comparison and one device sync per distinct mask, as HF's own padding check costs).
-    """
-    if mask is None or q_len != k_len or q_len < 2 or mask.dim() != 4 or not mask.is_floating_point():
-        return False
-    cached = getattr(mask, "_fxbridge_plain_causal", None)
-    if cached is None:
-        if mask.device.type == "meta":
-            return False
-        above = torch.ones(q_len, k_len, dtype=torch.bool, device=mask.device).triu_(1)
-        expected = torch.zeros(q_len, k_len, dtype=mask.dtype, device=mask.device)
-        expected.masked_fill_(above, torch.finfo(mask.dtype).min)
-        cached = bool(torch.equal(mask, expected.expand(mask.shape)))
-        try:
-            mask._fxbridge_plain_causal = cached
-        except (AttributeError, RuntimeError):  # e.g. tensor subclasses that refuse attributes
-            pass
-    return cached
-
-
-def fused_attention(q, k, v, mask, scaling: float):
-    """HF's ``sdpa_attention_forward`` on the captured inputs: ``is_causal`` without a mask when the mask is plainly
-    causal, GQA inside SDPA only without a mask (as HF decides; CUDA kernels with a mask need repeated heads)."""
-    n_rep = q.shape[1] // k.shape[1]
-    is_causal = is_plain_causal(mask, q.shape[2], k.shape[2])
-    if is_causal:
-        mask = None
-    extra = {}
-    if n_rep > 1:
-        if mask is None and k.shape[-1] == v.shape[-1] <= 256:
-            extra["enable_gqa"] = True
-        else:
-            k = k.repeat_interleave(n_rep, dim=1)
-            v = v.repeat_interleave(n_rep, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, is_causal=is_causal, **extra)
-    return out.transpose(1, 2).contiguous()
 
 
 class RMSNormCore(FastCallModule):
@@ -101,6 +69,11 @@ class RMSNormCore(FastCallModule):
         super().__init__()
         self.hook_scale = HookPoint(shape=("B", "S", "1"))
         self.hook_normalized = HookPoint(shape=("B", "S", "D"))
+
+    def fake_values(self, x, var_eps):
+        shape = torch.broadcast_shapes(x.shape, var_eps.shape)
+        out = x.new_empty(shape, dtype=torch.promote_types(x.dtype, var_eps.dtype))
+        return out, {"hook_scale": var_eps.new_empty(var_eps.shape), "hook_normalized": out}
 
     def forward(self, x, var_eps):
         if not (self.hook_scale.has_hooks or self.hook_normalized.has_hooks):
@@ -117,6 +90,11 @@ class LayerNormCore(FastCallModule):
         self.normalized_shape, self.eps = tuple(normalized_shape), float(eps)
         self.hook_scale = HookPoint(shape=("B", "S", "1"))
         self.hook_normalized = HookPoint(shape=("B", "S", "D"))
+
+    def fake_values(self, x, weight=None, bias=None):
+        compute = torch.promote_types(x.dtype, torch.float32)  # as the hooked path computes
+        scale = x.new_empty((*x.shape[:-1], 1), dtype=compute)
+        return x.new_empty(x.shape), {"hook_scale": scale, "hook_normalized": x.new_empty(x.shape, dtype=compute)}
 
     def forward(self, x, weight=None, bias=None):
         if not (self.hook_scale.has_hooks or self.hook_normalized.has_hooks):

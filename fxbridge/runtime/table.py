@@ -63,7 +63,7 @@ def _cell(value) -> str:
 
 def hook_table(gm) -> HookTable:
     """The table for a traced module (reads the graph's fake values; runs nothing)."""
-    from ..exporter.values import (core_hook_values, dtype_of, layer_of, node_values, resolve_letters, shape_of,
+    from .values import (core_hook_values, dtype_of, layer_of, node_values, resolve_letters, shape_of,
                                  shape_str, symbol_names)
     from .hook_point import HookPoint
 

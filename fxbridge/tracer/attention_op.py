@@ -25,34 +25,9 @@ from torch import fx
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_utils import AttentionInterface
 
+from ..runtime.attention import eager_attention
+
 IMPLEMENTATION = "fxbridge"
-
-
-def eager_attention(q, k, v, mask, scaling: float, softcap: Optional[float], scores_hook=None, pre_cap_hook=None,
-                    pattern_hook=None):
-    """HF's eager attention (``eager_attention_forward`` + Gemma's softcap), with optional hook callbacks.
-
-    q [B,H,Sq,dh], k/v [B,Hkv,Sk,dh], mask additive [B,1|H,Sq,Sk] or None. Returns z [B,Sq,H,dh].
-    """
-    n_rep = q.shape[1] // k.shape[1]
-    if n_rep > 1:
-        k = k.repeat_interleave(n_rep, dim=1)
-        v = v.repeat_interleave(n_rep, dim=1)
-    # In-place on tensors made right here (same values as HF's out-of-place ops): one [B,H,Sq,Sk] buffer fewer
-    # at peak. Nothing has seen `scores` yet at either in-place step (the pre-cap hook sees it before tanh).
-    scores = torch.matmul(q, k.transpose(2, 3)).mul_(scaling)
-    if softcap is not None:
-        if pre_cap_hook is not None:
-            scores = pre_cap_hook(scores)
-        scores = torch.tanh(scores / softcap) * softcap
-    if mask is not None:
-        scores = scores.add_(mask) if mask.dtype == scores.dtype else scores + mask
-    if scores_hook is not None:
-        scores = scores_hook(scores)
-    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    if pattern_hook is not None:
-        pattern = pattern_hook(pattern)
-    return torch.matmul(pattern, v).transpose(1, 2).contiguous()
 
 
 @torch.library.custom_op("fxbridge::attention", mutates_args=())

@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fxbridge as bridge
 from conftest import traced
-from fxbridge.runtime import cores
+from fxbridge.runtime import attention, cores
 from tiny import COMMON, build_from_config, left_padded, tokens
 
 TOL = 1e-5
@@ -118,16 +118,16 @@ def test_sliding_window_uses_the_shortcut_only_inside_the_window(seq, shortcut):
 def test_is_plain_causal_on_hand_built_masks():
     n, neg = 5, torch.finfo(torch.float32).min
     causal = torch.zeros(n, n).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), neg)
-    assert cores.is_plain_causal(causal.expand(2, 1, n, n).clone(), n, n)
+    assert attention.is_plain_causal(causal.expand(2, 1, n, n).clone(), n, n)
     padded = causal.expand(2, 1, n, n).clone()
     padded[1, 0, :, 0] = neg
-    assert not cores.is_plain_causal(padded, n, n)
+    assert not attention.is_plain_causal(padded, n, n)
     window = causal.clone()
     window[4, 0] = neg  # a sliding window of 4 cuts position 0 out of row 4
-    assert not cores.is_plain_causal(window[None, None], n, n)
-    assert not cores.is_plain_causal(causal.masked_fill(causal != 0, float("-inf"))[None, None], n, n)
-    assert not cores.is_plain_causal(None, n, n)
-    assert not cores.is_plain_causal(causal[None, None], n, n + 1)
+    assert not attention.is_plain_causal(window[None, None], n, n)
+    assert not attention.is_plain_causal(causal.masked_fill(causal != 0, float("-inf"))[None, None], n, n)
+    assert not attention.is_plain_causal(None, n, n)
+    assert not attention.is_plain_causal(causal[None, None], n, n + 1)
 
 
 def test_softcap_layers_stay_eager_and_exact():
