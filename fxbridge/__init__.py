@@ -7,7 +7,7 @@
 """
 from .architectures import supported_architectures
 from .errors import (CaptureError, FxBridgeError, HookShapeError, MissingDependency, ModelLoadError, NotTracedError,
-                     PatternNotFound, UnsupportedArchitecture, UsageError, VerificationError)
+                     PassOrderError, PatternNotFound, UnsupportedArchitecture, UsageError, VerificationError)
 from .exporter import export, to_networkx
 from .runtime import ActivationCache, HookedGraphModule, HookPoint, get_act_name
 from .pipeline import TraceReport, trace
@@ -15,6 +15,6 @@ from .pipeline import TraceReport, trace
 __version__ = "0.1.0"
 
 __all__ = ["ActivationCache", "CaptureError", "FxBridgeError", "HookPoint", "HookShapeError", "HookedGraphModule",
-           "MissingDependency", "ModelLoadError", "NotTracedError", "PatternNotFound", "TraceReport",
+           "MissingDependency", "ModelLoadError", "NotTracedError", "PassOrderError", "PatternNotFound", "TraceReport",
            "UnsupportedArchitecture", "UsageError", "VerificationError", "export", "get_act_name", "supported_architectures",
            "to_networkx", "trace"]

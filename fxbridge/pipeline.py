@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .architectures import dims_from_config, get_spec
-from .passes import PASSES, PassContext, PassResult, run_passes
+from .passes import PassContext, PassResult, run_passes
 from .runtime.module import HookedGraphModule
 from .tracer import capture
 
@@ -52,7 +52,7 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
     ``hook_resid_post`` differs from the HF decoder layer's output (see ``fxbridge.verify``).
     """
     spec = get_spec(model)
-    dims = dims_from_config(model.config)
+    dims = dims_from_config(model.config, spec)
     say = _progress_printer(progress)
     start = time.perf_counter()
     model.eval()
@@ -62,8 +62,7 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
     if say:
         say(f"captured {len(captured.graph.nodes)} nodes in {captured.seconds:.1f}s; rewriting")
     ctx = PassContext(captured.graph, captured.root, spec, dims, model.config)
-    names = spec.passes + (("hook_attn_result",) if use_attn_result else ())
-    results = run_passes(ctx, [PASSES[name] for name in names], progress=say)
+    results = run_passes(ctx, spec.pipeline(use_attn_result=use_attn_result), progress=say)
     report = TraceReport(spec.model_type, captured.seconds, results, capture_notes=list(captured.notes))
     gm = HookedGraphModule(captured.root, captured.graph, spec=spec, dims=dims, aliases=ctx.aliases, report=report)
     report.total_seconds = time.perf_counter() - start
