@@ -7,7 +7,8 @@
 """
 from .architectures import supported_architectures
 from .errors import (CaptureError, FxBridgeError, HookShapeError, MissingDependency, ModelLoadError, NotTracedError,
-                     PatternNotFound, UnsupportedArchitecture, UnsupportedModel, UsageError, VerificationError)
+                     PassOrderError, PatternNotFound, UnsupportedArchitecture, UnsupportedModel, UsageError,
+                     VerificationError)
 from .exporter import export, to_networkx
 from .runtime import ActivationCache, HookedGraphModule, HookPoint, get_act_name
 from .pipeline import TraceReport, trace
@@ -15,6 +16,6 @@ from .pipeline import TraceReport, trace
 __version__ = "0.1.0"
 
 __all__ = ["ActivationCache", "CaptureError", "FxBridgeError", "HookPoint", "HookShapeError", "HookedGraphModule",
-           "MissingDependency", "ModelLoadError", "NotTracedError", "PatternNotFound", "TraceReport",
-           "UnsupportedArchitecture", "UnsupportedModel", "UsageError", "VerificationError", "export", "get_act_name", "supported_architectures",
-           "to_networkx", "trace"]
+           "MissingDependency", "ModelLoadError", "NotTracedError", "PassOrderError", "PatternNotFound", "TraceReport",
+           "UnsupportedArchitecture", "UnsupportedModel", "UsageError", "VerificationError", "export", "get_act_name",
+           "supported_architectures", "to_networkx", "trace"]

@@ -27,16 +27,24 @@ class CaptureError(FxBridgeError, RuntimeError):
 
 
 class PatternNotFound(FxBridgeError, RuntimeError):
-    """A pass expected to rewrite something and found a different number of matches."""
+    """A pass did not find the pattern it rewrites: where it looked, what it expected there, what it found."""
 
-    def __init__(self, pass_name: str, expected: int, found: int, detail: str = "", before: Iterable[str] = ()):
-        self.pass_name, self.expected, self.found = pass_name, expected, found
+    def __init__(self, pass_name: str, where: str, expected: str, found: str, before: Iterable[str] = ()):
+        self.pass_name, self.where, self.expected, self.found = pass_name, where, expected, found
         ran = ", ".join(before) or "none"
-        msg = f"pass {pass_name!r} expected {expected} match(es) but found {found}"
-        if detail:
-            msg += f": {detail}"
-        msg += f" (passes run before it: {ran}). The HF modeling code probably changed shape; please report it."
-        super().__init__(msg)
+        super().__init__(
+            f"pass {pass_name!r} in {where}: expected {expected}, found {found} (passes run before it: {ran}). "
+            "Check what the spec names there (module paths, layout) against the HF model; if they are right, the "
+            "model computes this in a form the pass does not recognise."
+        )
+
+
+class PassOrderError(FxBridgeError, ValueError):
+    """A pass list breaks a pass's declared order (``requires`` / ``before``); found before any pass runs."""
+
+    def __init__(self, problems: Iterable[str], order: Iterable[str]):
+        self.problems = list(problems)
+        super().__init__(f"pass order: {'; '.join(self.problems)} (order given: {', '.join(order)})")
 
 
 class HookShapeError(FxBridgeError, ValueError):

@@ -11,7 +11,7 @@ import torch
 
 from .architectures import dims_from_config, get_spec
 from .errors import UnsupportedModel, UsageError
-from .passes import PASSES, PassContext, PassResult, run_passes
+from .passes import PassContext, PassResult, run_passes
 from .runtime.module import HookedGraphModule
 from .tracer import capture
 
@@ -59,7 +59,7 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
     check_traceable(model)
     spec = get_spec(model)
     check_lm_head(model, spec)
-    dims = dims_from_config(model.config)
+    dims = dims_from_config(model.config, spec)
     say = _progress_printer(progress)
     start = time.perf_counter()
     modes = {m: m.training for m in model.modules()}
@@ -72,8 +72,7 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
         if say:
             say(f"captured {len(captured.graph.nodes)} nodes in {captured.seconds:.1f}s; rewriting")
         ctx = PassContext(captured.graph, captured.root, spec, dims, model.config)
-        names = spec.passes + (("hook_attn_result",) if use_attn_result else ())
-        results = run_passes(ctx, [PASSES[name] for name in names], progress=say)
+        results = run_passes(ctx, spec.pipeline(use_attn_result=use_attn_result), progress=say)
         report = TraceReport(spec.model_type, captured.seconds, results, capture_notes=list(captured.notes))
         gm = HookedGraphModule(captured.root, captured.graph, spec=spec, dims=dims, report=report,
                                options={"use_attn_result": use_attn_result},

@@ -9,9 +9,11 @@ Config flags choose the layout (``_configure``):
   ``ln_mlp``. HF broadcasts K/V to H heads inside ``_split_heads``; hook_k/hook_v sit before that broadcast.
 Falcon computes attention inline; ``capture_eager_attention`` turns it into the common attention node. With ALiBi,
 HF's eager branch adds the bias to q.k^T *and* (scaled) inside the mask FalconModel builds, its sdpa branch only
-through the mask: ``drop_pre_scale_bias`` follows the branch the model is configured with, so the trace computes
-what the HF model computes.
+through the mask: ``capture_eager_attention(drop_pre_scale_bias=...)`` follows the branch the model is configured
+with, so the trace computes what the HF model computes.
 """
+from ..passes import (capture_eager_attention, hook_attention, hook_embeddings, hook_mlp, hook_norms, hook_residual,
+                      hook_unembed, make_adds_out_of_place, remove_eval_dropout, split_fused_qkv)
 from .spec import ArchSpec
 
 
@@ -19,6 +21,15 @@ def _n_kv_heads(config) -> int:
     if config.new_decoder_architecture:
         return config.num_kv_heads
     return 1 if config.multi_query else config.num_attention_heads
+
+
+def _passes(parallel: bool, sdpa: bool) -> tuple:
+    return (
+        capture_eager_attention(drop_pre_scale_bias=sdpa),  # sdpa: HF adds ALiBi only through the mask
+        remove_eval_dropout(per_layer=1 if parallel else 2),  # dropout_add after attention (sequential) and MLP
+        make_adds_out_of_place(per_layer=1 if parallel else 0),  # parallel: mlp_output += attention_output
+        hook_embeddings, hook_attention, split_fused_qkv, hook_mlp, hook_norms, hook_residual, hook_unembed,
+    )
 
 
 def _configure(config) -> dict:
@@ -35,9 +46,7 @@ def _configure(config) -> dict:
         "ln1": "ln_attn" if two_norms else "input_layernorm",
         "ln2": "ln_mlp" if two_norms else (None if parallel else "post_attention_layernorm"),
         "rotary": not config.alibi,
-        "drop_pre_scale_bias": config._attn_implementation != "eager",
-        "eval_dropouts_per_layer": 1 if parallel else 2,
-        "inplace_adds_per_layer": 1 if parallel else 0,
+        "passes": _passes(parallel, sdpa=config._attn_implementation != "eager"),
     }
 
 
@@ -56,10 +65,9 @@ FALCON = ArchSpec(
     mlp_out="dense_4h_to_h",
     norm="layernorm",
     configure=_configure,
-    n_kv_heads_of=_n_kv_heads,
+    dims_of=lambda config: {"n_kv_heads": _n_kv_heads(config)},
     notes="fused query_key_value split by layout; inline attention captured; ALiBi inside hook_attn_scores",
-    passes=("capture_eager_attention", "remove_eval_dropout", "make_adds_out_of_place", "hook_embeddings",
-            "hook_attention", "split_fused_qkv", "hook_mlp", "hook_norms", "hook_residual", "hook_unembed"),
+    passes=_passes(parallel=False, sdpa=True),  # chosen per config by _configure
 )
 
 SPECS = (FALCON,)

@@ -10,7 +10,8 @@ layers (both carried by the captured attention call and its mask), and optional 
 ``hook_final_softcap`` pass). Gemma 3 adds q/k RMSNorms (between ``hook_q``/``hook_k`` and ``hook_rot_q``/
 ``hook_rot_k``) and a rotary base per layer type (local / global).
 """
-from .spec import ArchSpec
+from ..passes import hook_final_softcap
+from .spec import DEFAULT_PASSES, ArchSpec
 
 _SANDWICH = dict(
     ln1="input_layernorm",
@@ -18,8 +19,7 @@ _SANDWICH = dict(
     ln2="pre_feedforward_layernorm",
     ln2_post="post_feedforward_layernorm",
     final_softcap_config="final_logit_softcapping",
-    passes=("hook_embeddings", "hook_attention", "hook_qkv", "hook_mlp", "hook_norms", "hook_residual",
-            "hook_unembed", "hook_final_softcap"),
+    passes=(*DEFAULT_PASSES, hook_final_softcap),
 )
 
 GEMMA = ArchSpec(model_types=("gemma",), family="Gemma",

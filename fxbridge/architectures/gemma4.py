@@ -25,17 +25,46 @@ Where each Gemma 4 convention is handled (the README's conventions table has one
 """
 from dataclasses import replace
 
+from ..passes import (alias_shared_kv, hook_attention, hook_embeddings, hook_final_softcap, hook_mlp, hook_moe,
+                      hook_norms, hook_per_layer_embeddings, hook_residual, hook_shared_qkv, hook_unembed,
+                      route_shared_kv)
 from .gemma import GEMMA3_TEXT
 
-# Gemma 3's sandwich norms and final softcap; the Gemma-4-only passes around them.
+
+def _dims(config) -> dict[str, int]:
+    """Sizes of the Gemma-4-only parts, present only when the config has them (they set passes' match counts).
+
+    n_kv_shared_layers: last layers reusing earlier layers' k/v; d_per_layer_input: per-layer embedding width;
+    n_experts / top_k: mixture-of-experts block (when the config enables it).
+    """
+    dims = {}
+    if getattr(config, "num_kv_shared_layers", None):
+        dims["n_kv_shared_layers"] = int(config.num_kv_shared_layers)
+    if getattr(config, "hidden_size_per_layer_input", None):
+        dims["d_per_layer_input"] = int(config.hidden_size_per_layer_input)
+    if getattr(config, "enable_moe_block", False) and getattr(config, "num_experts", None):
+        dims["n_experts"] = int(config.num_experts)
+        dims["top_k"] = int(config.top_k_experts)
+    return dims
+
+
+# Gemma 3's sandwich norms and final softcap; the Gemma-4-only passes around them, with HF's module names.
 GEMMA4_TEXT = replace(
     GEMMA3_TEXT,
     model_types=("gemma4_text",),
     family="Gemma 4 (text)",
     notes="sandwich norms; q/k/v norms; KV sharing; k=v attention; per-layer embeddings; MoE; layer_scalar",
-    passes=("hook_embeddings", "alias_shared_kv", "hook_attention", "route_shared_kv", "hook_shared_qkv", "hook_mlp",
-            "hook_norms", "hook_residual", "hook_per_layer_embeddings", "hook_moe", "hook_unembed",
-            "hook_final_softcap"),
+    dims_of=_dims,
+    passes=(
+        hook_embeddings,
+        alias_shared_kv, hook_attention, route_shared_kv,  # KV-shared layers read their owner's hooked keys
+        hook_shared_qkv(v_norm="v_norm"),
+        hook_mlp, hook_norms, hook_residual,
+        hook_per_layer_embeddings(gate="per_layer_input_gate", act="act_fn", out_norm="post_per_layer_input_norm"),
+        hook_moe(router="router", router_proj="router.proj", experts="experts",
+                 out_norm="post_feedforward_layernorm_2"),
+        hook_unembed, hook_final_softcap,
+    ),
 )
 
 SPECS = (GEMMA4_TEXT,)

@@ -1,4 +1,5 @@
 """GPT-2: Conv1D projections, fused ``c_attn`` ([q | k | v] contiguous), LayerNorm, learned positions, GELU MLP."""
+from ..passes import hook_attention, hook_embeddings, hook_mlp, hook_norms, hook_residual, hook_unembed, split_fused_qkv
 from .spec import ArchSpec
 
 GPT2 = ArchSpec(
@@ -21,8 +22,7 @@ GPT2 = ArchSpec(
     norm="layernorm",
     rotary=False,
     notes="fused c_attn split into hook_q/k/v",
-    passes=("hook_embeddings", "hook_attention", "split_fused_qkv", "hook_mlp", "hook_norms", "hook_residual",
-            "hook_unembed"),
+    passes=(hook_embeddings, hook_attention, split_fused_qkv, hook_mlp, hook_norms, hook_residual, hook_unembed),
 )
 
 SPECS = (GPT2,)

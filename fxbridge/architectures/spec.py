@@ -2,16 +2,25 @@
 
 Module paths are HF's (``model.layers.{i}.self_attn.q_proj``); per-layer paths are relative to the layer.
 Sizes (layers, heads, KV heads, head dim) come from the HF config through ``dims``; a spec only names where
-things are and which layout facts hold.
+things are, which layout facts hold and which passes run, in order. A pass with parameters is listed configured
+(``remove_eval_dropout(per_layer=2)``): the facts only one family's pass needs stay with that family's spec.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+
+from ..passes import (GraphPass, check_order, hook_attention, hook_attn_result, hook_embeddings, hook_mlp, hook_norms,
+                      hook_qkv, hook_residual, hook_unembed)
+
+# Llama's: separate q/k/v projections, attention through HF's AttentionInterface.
+DEFAULT_PASSES = (hook_embeddings, hook_attention, hook_qkv, hook_mlp, hook_norms, hook_residual, hook_unembed)
 
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """One family's facts: where HF keeps each part, its layout, and its pass list. Defaults are Llama's."""
+
     model_types: tuple[str, ...]
     family: str
     # model level
@@ -41,16 +50,20 @@ class ArchSpec:
     rotary: bool = True
     parallel: bool = False  # attention and MLP both read resid_pre (no hook_resid_mid)
     final_softcap_config: str | None = None  # config attribute holding the final-logit softcap
-    # layouts that config flags choose (Falcon, GPTBigCode): config -> {field: value} applied by for_config
+    # facts that config flags choose (Falcon, GPTBigCode): config -> {field: value} applied by for_config
     configure: Callable[[object], dict] | None = None
-    n_kv_heads_of: Callable[[object], int] | None = None  # KV heads when the config has no num_key_value_heads
-    drop_pre_scale_bias: bool = False  # capture_eager_attention: HF's configured branch adds only the mask
-    eval_dropouts_per_layer: int = 0  # remove_eval_dropout: functional dropout calls per decoder layer
-    inplace_adds_per_layer: int = 0  # make_adds_out_of_place: in-place residual adds per decoder layer
+    # sizes only this family has or computes its own way: config -> {dim: size}, added to dims_from_config's
+    dims_of: Callable[[object], dict[str, int]] | None = None
     notes: str = ""
-    passes: tuple[str, ...] = field(default=(
-        "hook_embeddings", "hook_attention", "hook_qkv", "hook_mlp", "hook_norms", "hook_residual", "hook_unembed",
-    ))
+    passes: tuple[GraphPass, ...] = DEFAULT_PASSES
+
+    def __post_init__(self):
+        for p in self.passes:
+            if not isinstance(p, GraphPass):
+                raise TypeError(f"{self.family}: ArchSpec.passes lists pass objects (from fxbridge.passes import "
+                                f"{p}), not {type(p).__name__} {p!r}")
+            p.check_configured()
+        check_order(self.passes)
 
     def layer(self, i: int, rel: str | None = None) -> str:
         base = f"{self.layers}.{i}"
@@ -60,7 +73,7 @@ class ArchSpec:
     def model_type(self) -> str:
         return self.model_types[0]
 
-    def for_config(self, config) -> "ArchSpec":
+    def for_config(self, config) -> ArchSpec:
         """This spec with the optional features ``config`` switches off removed (a final softcap set to None)."""
         if self.configure is not None:  # apply the config-chosen layout facts first, then the rest below
             return replace(self, configure=None, **self.configure(config)).for_config(config)
@@ -68,9 +81,14 @@ class ArchSpec:
             return replace(self, final_softcap_config=None)
         return self
 
+    def pipeline(self, *, use_attn_result: bool = False) -> tuple[GraphPass, ...]:
+        """The passes ``trace`` runs: the spec's, then ``hook_attn_result`` for ``use_attn_result=True``."""
+        return self.passes + ((hook_attn_result,) if use_attn_result else ())
 
-def dims_from_config(config) -> dict[str, int]:
-    """n_layers, d_model, n_heads, n_kv_heads, d_head, d_vocab from an HF config (standard v5 attribute names)."""
+
+def dims_from_config(config, spec: ArchSpec) -> dict[str, int]:
+    """n_layers, d_model, n_heads, n_kv_heads, d_head, d_vocab from an HF config (standard v5 attribute names),
+    plus and over them the sizes the spec's ``dims_of`` reads."""
     n_heads = int(config.num_attention_heads)
     d_model = int(config.hidden_size)
     n_kv = _layer0_attr(config, "num_key_value_heads") or n_heads
@@ -83,8 +101,8 @@ def dims_from_config(config) -> dict[str, int]:
         "d_head": int(d_head),
         "d_vocab": int(config.vocab_size),
     }
-    dims.update(_optional_dims(config))
-    dims.update(_spec_dims(config))
+    if spec.dims_of is not None:
+        dims.update(spec.dims_of(config))
     return dims
 
 
@@ -94,29 +112,3 @@ def _layer0_attr(config, name: str):
         return getattr(config, name, None)
     except RuntimeError:  # transformers' AmbiguousGlobalPerLayerAttributeError
         return getattr(config.per_layer_config[0], name, None)
-
-
-def _optional_dims(config) -> dict[str, int]:
-    """Sizes only some families have (Gemma 4), present only when the config sets them (passes' match counts).
-
-    n_kv_shared_layers: last layers reusing earlier layers' k/v; d_per_layer_input: per-layer embedding width;
-    n_experts / top_k: mixture-of-experts block (when the config enables it).
-    """
-    extra = {}
-    if getattr(config, "num_kv_shared_layers", None):
-        extra["n_kv_shared_layers"] = int(config.num_kv_shared_layers)
-    if getattr(config, "hidden_size_per_layer_input", None):
-        extra["d_per_layer_input"] = int(config.hidden_size_per_layer_input)
-    if getattr(config, "enable_moe_block", False) and getattr(config, "num_experts", None):
-        extra["n_experts"] = int(config.num_experts)
-        extra["top_k"] = int(config.top_k_experts)
-    return extra
-
-
-def _spec_dims(config) -> dict[str, int]:
-    """Sizes a spec reads from its config itself (Falcon counts KV heads from multi_query / num_kv_heads)."""
-    from . import REGISTRY  # late import: the registry imports this module
-    spec = REGISTRY.get(getattr(config, "model_type", None))
-    if spec is None or spec.n_kv_heads_of is None:
-        return {}
-    return {"n_kv_heads": int(spec.n_kv_heads_of(config))}

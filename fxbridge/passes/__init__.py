@@ -1,6 +1,7 @@
-"""Graph -> graph rewrites, one pass a file. ``PASSES`` maps the names an ArchSpec lists to the passes."""
+"""Graph -> graph rewrites, one pass a file. A spec lists the pass objects (configured where a pass takes
+parameters, ``remove_eval_dropout(per_layer=2)``); ``PASSES`` maps each pass's name to its unconfigured object."""
 from .alias_shared_kv import alias_shared_kv
-from .base import GraphPass, PassContext, PassResult, run_passes
+from .base import GraphPass, NoMatch, PassContext, PassResult, check_order, run_passes
 from .capture_eager_attention import capture_eager_attention
 from .hook_attention import hook_attention
 from .hook_attn_result import hook_attn_result
@@ -27,4 +28,4 @@ PASSES: dict[str, GraphPass] = {p.name: p for p in (
     split_fused_qkv, capture_eager_attention, remove_eval_dropout, make_adds_out_of_place,
 )}
 
-__all__ = ["PASSES", "GraphPass", "PassContext", "PassResult", "run_passes"]
+__all__ = ["PASSES", "GraphPass", "NoMatch", "PassContext", "PassResult", "check_order", "run_passes", *PASSES]

@@ -12,7 +12,7 @@ import torch
 
 from ..tracer.attention_op import AttentionCall
 from ..tracer.graph_facts import layer_index, scoped_meta
-from .base import PassContext, graph_pass
+from .base import NoMatch, PassContext, graph_pass
 
 aten = torch.ops.aten
 # Moves a reading layer may apply to the reused tensors (transformers 5.17 writes ``key_states.to(q.device)``).
@@ -26,11 +26,11 @@ def _reused(node, layers: str, reader: int):
     return node
 
 
-@graph_pass(expects=lambda spec, dims: dims.get("n_kv_shared_layers", 0))
+@graph_pass(expects=lambda spec, dims: dims.get("n_kv_shared_layers", 0), before=("hook_attention",))
 def alias_shared_kv(ctx: PassContext) -> int:
     """Alias reused keys inside the KV-shared layer that reads them."""
     graph, layers = ctx.graph, ctx.spec.layers
-    found = 0
+    readers = []
     for call in AttentionCall.find(graph):
         node, read_k, read_v = call.node, call.k, call.v
         reader = layer_index(node, layers)
@@ -39,8 +39,8 @@ def alias_shared_kv(ctx: PassContext) -> int:
         if owner == reader:
             continue
         if owner is None or owner > reader or layer_index(v, layers) != owner:
-            raise ValueError(f"attention of layer {reader} reads keys of layer {owner} and values of layer "
-                             f"{layer_index(v, layers)}; expected both from one earlier layer")
+            raise NoMatch(ctx.spec.layer(reader, ctx.spec.attn), "keys and values both from one earlier layer",
+                          f"keys of layer {owner} and values of layer {layer_index(v, layers)}")
         with graph.inserting_before(node):
             alias = graph.call_function(aten.alias.default, (k,))
         alias.meta.update(scoped_meta(node, None))
@@ -50,5 +50,9 @@ def alias_shared_kv(ctx: PassContext) -> int:
         for moved in {read_k, read_v} - {k, v}:  # same-device moves now unused
             if not moved.users:
                 graph.erase_node(moved)
-        found += 1
-    return found
+        readers.append(reader)
+    shared = ctx.dims.get("n_kv_shared_layers", 0)
+    if len(readers) != shared:
+        raise NoMatch(f"the attention calls of {layers}.*", f"{shared} layer(s) reading an earlier layer's keys and "
+                      "values (config.num_kv_shared_layers)", f"{len(readers)}: layers {readers}")
+    return len(readers)

@@ -1,23 +1,47 @@
-"""Pass infrastructure: a pass is a function ``ctx -> matches``; the manager checks matches against the spec.
+"""Pass infrastructure: a pass is a function ``fn(ctx, **params) -> matches``; the runner checks order and counts.
 
-Modelled on ``torch.fx.passes.infra``: each pass is small, a failure is re-raised naming the pass and the
-passes run before it, and the graph is linted after each pass.
+Modelled on ``torch.fx.passes.infra`` and ExecuTorch's pass lists:
+
+- a spec lists pass *objects*, configured by calling them: ``remove_eval_dropout(per_layer=2)``; an unknown or
+  missing parameter is a TypeError when the spec is built (at import), as is a misspelt pass name;
+- ``requires`` names passes that must have run earlier, ``before`` passes that must run later when listed; the
+  runner checks both for the whole list before running anything (``check_order``);
+- a pass raises ``NoMatch`` where the pattern it rewrites is absent (where it looked, what it expected, what it
+  found); the runner turns that, and a match count other than ``expects``, into ``PatternNotFound``; any other
+  exception is a bug and propagates with its own type and traceback, with a note naming the pass;
+- the graph is linted after each pass.
+
+To run one pass by hand (toy-graph tests): ``hook_mlp.run(PassContext(...))`` returns its match count;
+``run_passes(ctx, [hook_mlp])`` also checks it (``already_run=[...]``: passes the toy graph already shows).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import operator
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx
 from torch.utils._pytree import tree_leaves
 
-from ..errors import FxBridgeError, PatternNotFound
+from ..errors import FxBridgeError, PassOrderError, PatternNotFound
+
+if TYPE_CHECKING:
+    from ..architectures.spec import ArchSpec
 
 log = logging.getLogger(__name__)
+
+
+class NoMatch(LookupError):
+    """A pass's pattern is absent: ``where`` it looked (module path, layer), what it ``expected``, what it ``found``."""
+
+    def __init__(self, where: str, expected: str, found: str):
+        self.where, self.expected, self.found = where, expected, found
+        super().__init__(f"in {where}: expected {expected}, found {found}")
 
 
 @dataclass
@@ -26,7 +50,7 @@ class PassContext:
 
     graph: fx.Graph
     root: torch.nn.Module
-    spec: object
+    spec: ArchSpec
     dims: dict[str, int]
     config: object
     aliases: dict[str, str] = field(default_factory=dict)
@@ -34,6 +58,8 @@ class PassContext:
 
 @dataclass
 class PassResult:
+    """One pass's run: its name, the matches it made and expected, how long it took."""
+
     name: str
     matches: int
     expected: int
@@ -42,39 +68,100 @@ class PassResult:
 
 @dataclass(frozen=True)
 class GraphPass:
-    """A named rewrite and the number of matches it must find for a given spec and dims."""
+    """A named rewrite, the number of matches it must make (``expects(spec, dims, **params)``), and its order.
+
+    Call a pass with keyword parameters for a configured copy: ``make_adds_out_of_place(per_layer=1)``.
+    """
 
     name: str
-    run: Callable[[PassContext], int]
-    expects: Callable[[object, dict], int]
-    doc: str = ""
+    fn: Callable[..., int]
+    expects: Callable[..., int]
+    requires: tuple[str, ...] = ()  # passes that must have run before this one
+    before: tuple[str, ...] = ()  # passes that must run after this one where both are listed
+    params: tuple[tuple[str, object], ...] = ()
+
+    def __call__(self, **params) -> GraphPass:
+        known = self._parameters()
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise TypeError(f"pass {self.name!r} has no parameter {', '.join(unknown)}; "
+                            f"its parameters: {', '.join(known) or 'none'}")
+        return replace(self, params=tuple(sorted({**dict(self.params), **params}.items())))
+
+    def _parameters(self) -> dict[str, inspect.Parameter]:
+        return {n: p for n, p in inspect.signature(self.fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+    @property
+    def options(self) -> dict[str, object]:
+        """The parameters set on this pass."""
+        return dict(self.params)
+
+    def check_configured(self) -> None:
+        """TypeError naming the parameters the pass needs and was not given."""
+        missing = [n for n, p in self._parameters().items() if p.default is p.empty and n not in self.options]
+        if missing:
+            raise TypeError(f"pass {self.name!r} needs the parameters {', '.join(missing)}: list it configured, "
+                            f"e.g. {self.name}({', '.join(f'{n}=...' for n in missing)})")
+
+    def expected(self, spec: ArchSpec, dims: dict[str, int]) -> int:
+        return self.expects(spec, dims, **self.options)
+
+    def run(self, ctx: PassContext) -> int:
+        """Rewrite ``ctx.graph``; returns the number of matches (NoMatch where the pattern is absent)."""
+        self.check_configured()
+        return self.fn(ctx, **self.options)
 
 
-def graph_pass(expects: Callable[[object, dict], int]):
-    """Decorator turning ``fn(ctx) -> matches`` into a GraphPass named after the function."""
+def graph_pass(expects: Callable[..., int], requires: Sequence[str] = (), before: Sequence[str] = ()):
+    """Decorator turning ``fn(ctx, *, params...) -> matches`` into a GraphPass named after the function."""
     def wrap(fn):
-        return GraphPass(fn.__name__, fn, expects, (fn.__doc__ or "").strip().splitlines()[0])
+        return GraphPass(fn.__name__, fn, expects, tuple(requires), tuple(before))
     return wrap
 
 
-def per_layer(spec, dims) -> int:
-    return dims["n_layers"]
+def check_order(passes: Sequence[GraphPass], already_run: Sequence[str] = ()) -> None:
+    """PassOrderError naming every ``requires`` / ``before`` constraint the list breaks (``already_run``: passes
+    that rewrote the graph before this list)."""
+    names = [p.name for p in passes]
+    problems = []
+    for i, p in enumerate(passes):
+        for need in p.requires:
+            if need in already_run:
+                continue
+            if need not in names:
+                problems.append(f"{p.name} requires {need}, which is not in the list")
+            elif names.index(need) > i:
+                problems.append(f"{p.name} requires {need} to run before it, but {need} runs after it")
+        problems += [f"{p.name} must run before {later}, but {later} runs first"
+                     for later in p.before if later in names[:i]]
+    if problems:
+        raise PassOrderError(problems, names)
 
 
-def run_passes(ctx: PassContext, passes: list[GraphPass], progress=None) -> list[PassResult]:
+def run_passes(ctx: PassContext, passes: Sequence[GraphPass], progress=None,
+               already_run: Sequence[str] = ()) -> list[PassResult]:
+    """Run ``passes`` in order on ``ctx``: the order is checked first, then each pass's matches after it runs.
+
+    ``already_run``: names of passes whose rewrites ``ctx.graph`` already holds (they count for ``requires``).
+    """
+    check_order(passes, already_run)
     results: list[PassResult] = []
     for p in passes:
         start = time.perf_counter()
-        expected = p.expects(ctx.spec, ctx.dims)
+        expected = p.expected(ctx.spec, ctx.dims)
+        before = [*already_run, *(r.name for r in results)]
         try:
             found = p.run(ctx)
+        except NoMatch as miss:
+            raise PatternNotFound(p.name, miss.where, miss.expected, miss.found, before) from miss
         except FxBridgeError:
             raise
-        except Exception as exc:
-            raise PatternNotFound(p.name, expected, 0, f"{type(exc).__name__}: {exc}",
-                                  [r.name for r in results]) from exc
+        except Exception as exc:  # a bug, not a missing pattern: keep its type and traceback
+            exc.add_note(f"raised in fxbridge pass {p.name!r} (passes run before it: {', '.join(before) or 'none'})")
+            raise
         if found != expected:
-            raise PatternNotFound(p.name, expected, found, before=[r.name for r in results])
+            raise PatternNotFound(p.name, f"the graph of {ctx.spec.family}", f"{expected} match(es)", str(found),
+                                  before)
         ctx.graph.lint()
         record_values(ctx.graph, ctx.root)
         results.append(PassResult(p.name, found, expected, time.perf_counter() - start))

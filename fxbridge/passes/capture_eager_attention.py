@@ -13,7 +13,7 @@ given to the core un-repeated (one view: head h of the repeat is KV head h // R)
 [B,S,Hkv,dh]. Additive terms are parsed with their coefficients: an ALiBi bias that HF adds before the
 scale enters ``hook_attn_scores`` scaled, as HF has it. Falcon's eager ALiBi branch adds ALiBi twice (once
 here, once folded into the mask by FalconModel) while its sdpa branch -- the default -- adds it once; the
-spec's ``drop_pre_scale_bias`` says which branch the model is configured for (see architectures/falcon.py).
+pass's ``drop_pre_scale_bias`` says which branch the model is configured for (see architectures/falcon.py).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torch import fx
 
 from ..tracer.attention_op import AttentionCall
 from ..tracer.graph_facts import ModuleRegion, scoped_meta
-from .base import PassContext, graph_pass
+from .base import NoMatch, PassContext, graph_pass
 from .graph_utils import single
 
 log = logging.getLogger(__name__)
@@ -71,37 +71,39 @@ class _Scores:
         return self
 
 
-def parse_scores(node: fx.Node) -> _Scores:
-    """Parse the softmax input into q.k^T times a scale plus additive terms; LookupError when it is not that."""
+def parse_scores(node: fx.Node, where: str) -> _Scores:
+    """Parse the softmax input into q.k^T times a scale plus additive terms; NoMatch when it is not that."""
     if node.target in _MATMUL and _is_k_transpose(node.args[1]):
         return _Scores(node)
     if node.target in _DTYPE or node.target in _SAME_VALUE and _same_shape(node, node.args[0]):
-        return parse_scores(node.args[0])
+        return parse_scores(node.args[0], where)
     if node.target in _ADD and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
         for mine, other in (node.args, node.args[::-1]):
             try:
-                parsed = parse_scores(mine)
-            except LookupError:
+                parsed = parse_scores(mine, where)
+            except NoMatch:
                 continue
             parsed.terms.append([other, 1.0])
             return parsed
     if node.target in _MUL | _DIV and isinstance(node.args[1], (int, float)):
         factor = float(node.args[1])
-        return parse_scores(node.args[0]).scaled(factor if node.target in _MUL else 1.0 / factor)
-    raise LookupError(f"{node.name} ({node.target}) is not q @ k^T, a scale or an additive term")
+        return parse_scores(node.args[0], where).scaled(factor if node.target in _MUL else 1.0 / factor)
+    raise NoMatch(where, "scores q @ k^T times a scale plus additive terms",
+                  f"{node.name} ({node.target}), none of these")
 
 
-def _pattern_times_v(softmax: fx.Node) -> fx.Node:
+def _pattern_times_v(softmax: fx.Node, where: str) -> fx.Node:
     """The matmul(pattern, v) the softmax feeds, through dropout (eval: identity) and same-shape views."""
     x = softmax
     while True:
-        user = single(list(x.users), f"user of the attention pattern {x.name}")
+        user = single(list(x.users), f"user of the attention pattern {x.name}", where)
         if user.target in _MATMUL and user.args[0] is x:
             return user
         if user.target in _DROPOUT or user.target in _DTYPE or user.target in _SAME_VALUE and _same_shape(user, x):
             x = user
             continue
-        raise LookupError(f"the attention pattern flows into {user.name} ({user.target}), not into pattern @ v")
+        raise NoMatch(where, "the attention pattern flowing into pattern @ v", f"it flows into {user.name} "
+                      f"({user.target})")
 
 
 def _unrepeat(graph, x: fx.Node, n_kv: int, n_heads: int) -> fx.Node:
@@ -117,19 +119,19 @@ def _scaled_term(graph, term: fx.Node, coef: float) -> fx.Node:
     return term if coef == 1.0 else graph.call_function(aten.mul.Tensor, (term, coef))
 
 
-def capture_layer(ctx: PassContext, layer: int) -> None:
+def capture_layer(ctx: PassContext, layer: int, drop_pre_scale_bias: bool) -> None:
     """Find one layer's softmax, parse its scores and pattern @ v, and put the attention node in their place."""
     spec, dims, graph = ctx.spec, ctx.dims, ctx.graph
     attn_path = spec.layer(layer, spec.attn)
     nodes = ModuleRegion.of(graph, attn_path).nodes
-    softmax = single([n for n in nodes if n.target in _SOFTMAX], f"softmax in {attn_path}")
+    softmax = single([n for n in nodes if n.target in _SOFTMAX], "softmax", attn_path)
     if softmax.args[1] not in (-1, 3):
-        raise LookupError(f"the softmax in {attn_path} is over dim {softmax.args[1]}, not the key dim")
-    scores = parse_scores(softmax.args[0])
-    pv = _pattern_times_v(softmax)
+        raise NoMatch(attn_path, "a softmax over the key dim (-1)", f"a softmax over dim {softmax.args[1]}")
+    scores = parse_scores(softmax.args[0], attn_path)
+    pv = _pattern_times_v(softmax, attn_path)
     q, k, v = scores.qk.args[0], scores.qk.args[1].args[0], pv.args[1]
     terms = scores.terms
-    if getattr(spec, "drop_pre_scale_bias", False):  # HF's configured branch adds only the (bias-folded) mask
+    if drop_pre_scale_bias:  # HF's configured branch adds only the (bias-folded) mask
         dropped = [t for t, c in terms if c != 1.0]
         terms = [[t, c] for t, c in terms if c == 1.0]
         log.debug("%s: dropping pre-scale bias terms %s (folded into the mask by HF)", attn_path, dropped)
@@ -161,13 +163,13 @@ def _erase_unused(graph, roots) -> None:
         todo.extend(n for n in inputs if n.op == "call_function" and n.target not in (operator.getitem,))
 
 
-def _expected(spec, dims) -> int:
-    return dims["n_layers"]
+@graph_pass(expects=lambda spec, dims, **_: dims["n_layers"], before=("hook_attention",))
+def capture_eager_attention(ctx: PassContext, *, drop_pre_scale_bias: bool = False) -> int:
+    """Replace inline (eager) attention by an fxbridge.attention node, one per layer.
 
-
-@graph_pass(expects=_expected)
-def capture_eager_attention(ctx: PassContext) -> int:
-    """Replace inline (eager) attention by an fxbridge.attention node, one per layer."""
+    ``drop_pre_scale_bias``: HF's configured attention branch adds only the mask (Falcon sdpa: ALiBi is folded into
+    the mask), so additive terms the eager expression adds before the scale are left out.
+    """
     for layer in range(ctx.dims["n_layers"]):
-        capture_layer(ctx, layer)
+        capture_layer(ctx, layer, drop_pre_scale_bias)
     return ctx.dims["n_layers"]

@@ -11,7 +11,8 @@ import torch
 from torch import fx
 
 from ..runtime.hook_point import HookPoint
-from ..tracer.graph_facts import scoped_meta
+from ..tracer.graph_facts import ModuleRegion, scoped_meta
+from .base import NoMatch
 
 aten = torch.ops.aten
 
@@ -100,7 +101,19 @@ def heads_view(n_heads: int, d_head: int):
 SWAP_HEADS_POS = ((aten.transpose.int, (1, 2)), (aten.transpose.int, (1, 2)))  # [B,H,S,d] <-> [B,S,H,d]
 
 
-def single(items: list, what: str):
+def single(items, what: str, where: str):
+    """The one item of ``items``, or NoMatch: in ``where``, expected one ``what``."""
     if len(items) != 1:
-        raise LookupError(f"expected one {what}, found {len(items)}")
+        raise NoMatch(where, f"one {what}", f"{len(items)}")
     return items[0]
+
+
+NOTHING = "no node computed in that module"
+
+
+def output_of(graph: fx.Graph, path: str, what: str) -> fx.Node:
+    """The value HF module ``path`` returns, or NoMatch: in ``path``, expected ``what``."""
+    out = ModuleRegion.of(graph, path).output
+    if out is None:
+        raise NoMatch(path, what, NOTHING)
+    return out

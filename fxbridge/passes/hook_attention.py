@@ -8,7 +8,7 @@
 from ..runtime.cores import AttentionCore
 from ..tracer.attention_op import AttentionCall
 from ..tracer.graph_facts import layer_index
-from .base import PassContext, graph_pass
+from .base import NoMatch, PassContext, graph_pass
 from .graph_utils import SWAP_HEADS_POS, hook_after, hook_viewed, install
 
 
@@ -16,26 +16,27 @@ def _layer_of(call: AttentionCall, layers: str) -> int:
     """The decoder layer an attention call sits in, from its module stack (HF's layer_idx is not relied on)."""
     layer = layer_index(call.node, layers)
     if layer is None:
-        raise LookupError(f"attention call {call.node.name} (layer_idx={call.layer_idx}) is outside {layers}.*")
+        raise NoMatch(f"attention call {call.node.name} (layer_idx={call.layer_idx})", f"a call inside {layers}.*",
+                      "a call outside the decoder layers")
     return layer
 
 
-def _check_softcap(softcap, config) -> None:
+def _check_softcap(softcap, config, where: str) -> None:
     expected = getattr(config, "attn_logit_softcapping", None)
     if softcap is not None and (expected is None or abs(float(expected) - softcap) > 1e-6 * abs(softcap)):
-        raise ValueError(f"attention softcap {softcap} does not match config.attn_logit_softcapping={expected}")
+        raise NoMatch(where, f"the softcap config.attn_logit_softcapping={expected}", f"softcap {softcap}")
 
 
 @graph_pass(expects=lambda spec, dims: dims["n_layers"])
 def hook_attention(ctx: PassContext) -> int:
     """Turn fxbridge.attention nodes into AttentionCore modules with rot_q/rot_k/z hooks."""
     spec, graph = ctx.spec, ctx.graph
-    found = 0
+    done: list[int] = []
     for call in AttentionCall.find(graph):
         node, q, k = call.node, call.q, call.k
         layer = _layer_of(call, spec.layers)
-        _check_softcap(call.softcap, ctx.config)
         attn_path = spec.layer(layer, spec.attn)
+        _check_softcap(call.softcap, ctx.config, attn_path)
         name = f"blocks.{layer}.attn"
         core_module = AttentionCore(call.scaling, call.softcap, layer)
         for point in core_module.children():
@@ -55,5 +56,8 @@ def hook_attention(ctx: PassContext) -> int:
         hook_after(graph, ctx.root, core, f"{name}.hook_z", shape=("B", "S", "H", "dh"), made_by="hook_attention",
                    scope=attn_path, hf_module=attn_path)
         ctx.aliases[f"{name}.o.hook_in"] = f"{name}.hook_z"
-        found += 1
-    return found
+        done.append(layer)
+    missing = sorted(set(range(ctx.dims["n_layers"])) - set(done))
+    if missing:
+        raise NoMatch(spec.layer(missing[0], spec.attn), "an attention call (fxbridge::attention)", "none")
+    return len(done)

@@ -12,8 +12,8 @@ import torch
 from einops import rearrange
 
 from ..tracer.graph_facts import ModuleRegion, hf_target, scoped_meta
-from .base import PassContext, graph_pass
-from .graph_utils import hook_after, single
+from .base import NoMatch, PassContext, graph_pass
+from .graph_utils import NOTHING, hook_after, single
 
 # Weight layouts of the output projection, as einops patterns to [heads, d_head, d_model].
 _LINEAR = "d (h k) -> h k d"  # nn.Linear: weight [D, H*dh]
@@ -47,10 +47,10 @@ def hook_attn_result(ctx: PassContext) -> int:
         module = ctx.root.get_submodule(hf_target(path))
         layout = _CONV1D if type(module).__name__ == "Conv1D" else _LINEAR
         region = ModuleRegion.of(graph, path)
-        x = single(region.inputs, f"input of {path}")
+        x = single(region.inputs, "input", path)
         out = region.output
         if out is None:
-            continue
+            raise NoMatch(path, "the output projection's output", NOTHING)
         meta = scoped_meta(out, spec.layer(layer, spec.attn))
         with graph.inserting_before(out):
             weight = graph.get_attr(hf_target(f"{path}.weight"))

@@ -8,8 +8,7 @@ TransformerLens does (the expand is a view: nothing is copied).
 import torch
 
 from .base import PassContext, graph_pass
-from ..tracer.graph_facts import ModuleRegion
-from .graph_utils import hook_after, hook_viewed
+from .graph_utils import hook_after, hook_viewed, output_of
 
 aten = torch.ops.aten
 
@@ -23,24 +22,21 @@ def _batch_of(node):
 def hook_embeddings(ctx: PassContext) -> int:
     """Hook the outputs of the token and position embedding modules."""
     spec, graph = ctx.spec, ctx.graph
-    embed = ModuleRegion.of(graph, spec.embed).output
-    if embed is None:
-        return 0
+    embed = output_of(graph, spec.embed, "the token embedding's output")
     found = 1
     if spec.pos_embed is not None:
-        pos = ModuleRegion.of(graph, spec.pos_embed).output
-        if pos is not None:
-            if _batch_of(pos) == 1 and _batch_of(embed) != 1:
-                ids = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "input_ids")
-                with graph.inserting_before(pos):
-                    batch = graph.call_function(aten.sym_size.int, (ids, 0))
-                hook_viewed(graph, ctx.root, pos, "hook_pos_embed", to_hook=(aten.expand.default, ([batch, -1, -1],)),
-                            from_hook=(aten.alias.default, ()), shape=("B", "S", "D"), made_by="hook_embeddings",
-                            scope="", hf_module=spec.pos_embed)
-            else:
-                hook_after(graph, ctx.root, pos, "hook_pos_embed", shape=("B", "S", "D"), made_by="hook_embeddings",
-                           scope="", hf_module=spec.pos_embed)
-            found += 1
+        pos = output_of(graph, spec.pos_embed, "the position embedding's output")
+        if _batch_of(pos) == 1 and _batch_of(embed) != 1:
+            ids = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "input_ids")
+            with graph.inserting_before(pos):
+                batch = graph.call_function(aten.sym_size.int, (ids, 0))
+            hook_viewed(graph, ctx.root, pos, "hook_pos_embed", to_hook=(aten.expand.default, ([batch, -1, -1],)),
+                        from_hook=(aten.alias.default, ()), shape=("B", "S", "D"), made_by="hook_embeddings",
+                        scope="", hf_module=spec.pos_embed)
+        else:
+            hook_after(graph, ctx.root, pos, "hook_pos_embed", shape=("B", "S", "D"), made_by="hook_embeddings",
+                       scope="", hf_module=spec.pos_embed)
+        found += 1
     hook_after(graph, ctx.root, embed, "hook_embed", shape=("B", "S", "D"), made_by="hook_embeddings", scope="",
                hf_module=spec.embed)
     return found

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from .base import PassContext, graph_pass
+from .base import NoMatch, PassContext, graph_pass
 from .graph_utils import hook_after
 
 aten = torch.ops.aten
@@ -62,9 +62,9 @@ def match_softcap(x: fx.Node) -> tuple[fx.Node, float] | None:
 
 def _logits_source(graph: fx.Graph) -> fx.Node:
     """The ``hook_unembed`` node, seen through value-preserving casts that follow it."""
-    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == "hook_unembed"), None)
+    node = next(iter(graph.find_nodes(op="call_module", target="hook_unembed")), None)
     if node is None:
-        raise LookupError("no hook_unembed node: run the hook_unembed pass before hook_final_softcap")
+        raise NoMatch("the graph", "the hook_unembed node (the hook_unembed pass runs first)", "none")
     while len(node.users) == 1:
         user = next(iter(node.users))
         if user.target not in _PASS_THROUGH or user.args[0] is not node:
@@ -73,21 +73,20 @@ def _logits_source(graph: fx.Graph) -> fx.Node:
     return node
 
 
-def _expected(spec, dims) -> int:
-    return int(spec.final_softcap_config is not None)
-
-
-@graph_pass(expects=_expected)
+@graph_pass(expects=lambda spec, dims: int(spec.final_softcap_config is not None), requires=("hook_unembed",))
 def hook_final_softcap(ctx: PassContext) -> int:
     """Hook the post-softcap logits (``hook_logits``); ``hook_unembed`` stays the pre-cap logits."""
+    attr = ctx.spec.final_softcap_config
+    where = f"the logits after hook_unembed ({ctx.spec.unembed})"
     found = match_softcap(_logits_source(ctx.graph))
     if found is None:
-        return 0
+        if attr is None:
+            return 0
+        raise NoMatch(where, f"cap * tanh(x / cap), cap = config.{attr}", "no such expression")
     out, cap = found
-    attr = ctx.spec.final_softcap_config
     want = getattr(ctx.config, attr, None) if attr else None
     if want is None or not _close(cap, float(want)):
-        raise ValueError(f"final-logit softcap {cap} in the graph does not match config.{attr}={want}")
+        raise NoMatch(where, f"the cap config.{attr}={want}", f"cap {cap} in the graph")
     hook_after(ctx.graph, ctx.root, out, "hook_logits", shape=("B", "S", "V"), made_by="hook_final_softcap",
                scope="", hf_module=ctx.spec.unembed)
     return 1

@@ -6,7 +6,7 @@ output) and ``hook_post`` (the input of the down projection).
 """
 from ..tracer.graph_facts import ModuleRegion
 from .base import PassContext, graph_pass
-from .graph_utils import hook_after, single
+from .graph_utils import hook_after, output_of, single
 
 
 def _expected(spec, dims) -> int:
@@ -26,15 +26,13 @@ def hook_mlp(ctx: PassContext) -> int:
         if spec.mlp_gate:
             todo.append((spec.layer(layer, f"{spec.mlp}.{spec.mlp_in}"), "hook_pre_linear"))
         for path, hook in todo:
-            out = ModuleRegion.of(graph, path).output
-            if out is None:
-                continue
+            out = output_of(graph, path, "the projection's output")
             hook_after(graph, ctx.root, out, f"{prefix}.{hook}", shape=("B", "S", "F"), made_by="hook_mlp",
                        scope=mlp_path, hf_module=path)
             found += 1
         down_path = spec.layer(layer, f"{spec.mlp}.{spec.mlp_out}")
         down = ModuleRegion.of(graph, down_path)
-        post = single(down.inputs, f"input of {down_path}")
+        post = single(down.inputs, "input", down_path)
         hook_after(graph, ctx.root, post, f"{prefix}.hook_post", shape=("B", "S", "F"), made_by="hook_mlp",
                    scope=mlp_path, users=[u for u in post.users if u in down], hf_module=down_path)
         found += 1

@@ -10,12 +10,13 @@ import torch
 
 from ..runtime.cores import LayerNormCore, RMSNormCore
 from ..tracer.graph_facts import ModuleRegion
-from .base import PassContext, graph_pass
+from .base import NoMatch, PassContext, graph_pass
 from .graph_utils import install
 
 aten = torch.ops.aten
 _LAYER_NORMS = {aten.layer_norm.default}
 _MULS = {aten.mul.Tensor}
+_FORMS = {"rms": "x * rsqrt(mean(x^2) + eps) (RMSNorm)", "layernorm": "a layer_norm call"}
 
 
 def _is_inv_sqrt(node) -> bool:
@@ -84,9 +85,11 @@ def hook_norms(ctx: PassContext) -> int:
     rewrite = {"rms": _rewrite_rms, "layernorm": _rewrite_layer_norm}[ctx.spec.norm]
     found = 0
     for prefix, path in norm_sites(ctx.spec, ctx.dims):
-        if rewrite(ctx, prefix, ModuleRegion.of(ctx.graph, path).nodes):
-            core = ctx.root.get_submodule(prefix)
-            for point in core.children():
-                point.made_by, point.hf_module = "hook_norms", path
-            found += 1
+        nodes = ModuleRegion.of(ctx.graph, path).nodes
+        if not rewrite(ctx, prefix, nodes):
+            raise NoMatch(path, _FORMS[ctx.spec.norm], f"none among its {len(nodes)} nodes")
+        core = ctx.root.get_submodule(prefix)
+        for point in core.children():
+            point.made_by, point.hf_module = "hook_norms", path
+        found += 1
     return found

@@ -2,53 +2,58 @@
 
 HF adds, after the MLP of layer i, a small residual branch driven by a per-layer embedding e_i [B,S,P]
 (``per_layer_inputs[:, :, i]``: the token's own PLE row plus a projection of the embedding, over sqrt 2):
-    g = per_layer_input_gate(x) ; h = act(g) * e_i ; y = post_per_layer_input_norm(per_layer_projection(h))
+    g = gate(x) ; h = act(g) * e_i ; y = out_norm(per_layer_projection(h))
 ->  g = ple.hook_gate(g) ; h = ple.hook_gated(act(g) * ple.hook_per_layer_input(e_i))
-    y = hook_ple_out(norm(proj(h)))
-and the layer then adds y to the residual (before ``layer_scalar``).
+    y = hook_ple_out(out_norm(proj(h)))
+and the layer then adds y to the residual (before ``layer_scalar``). The spec names the modules (``gate``,
+``act``, ``out_norm``, relative to the decoder layer).
 """
 from __future__ import annotations
 
 import torch
 
 from ..tracer.graph_facts import ModuleRegion, in_module
-from .base import PassContext, graph_pass
-from .graph_utils import hook_after, single
+from .base import NoMatch, PassContext, graph_pass
+from .graph_utils import NOTHING, hook_after, output_of, single
 
 aten = torch.ops.aten
 _MULS = {aten.mul.Tensor}
 PER_LAYER = 4
 
 
-def _check_width(node, width: int, what: str) -> None:
+def _check_width(node, width: int, where: str, what: str) -> None:
     val = node.meta.get("val")
     if isinstance(val, torch.Tensor) and val.shape[-1] != width:
-        raise ValueError(f"{what} has width {val.shape[-1]}, config.hidden_size_per_layer_input is {width}")
+        raise NoMatch(where, f"{what} of width {width} (config.hidden_size_per_layer_input)", f"width {val.shape[-1]}")
 
 
-@graph_pass(expects=lambda spec, dims: PER_LAYER * dims["n_layers"] if dims.get("d_per_layer_input") else 0)
-def hook_per_layer_embeddings(ctx: PassContext) -> int:
+@graph_pass(expects=lambda spec, dims, **_: PER_LAYER * dims["n_layers"] if dims.get("d_per_layer_input") else 0)
+def hook_per_layer_embeddings(ctx: PassContext, *, gate: str, act: str, out_norm: str) -> int:
     """Hook each layer's per-layer embedding, its gate, the gated input and the branch output."""
     spec, graph, root = ctx.spec, ctx.graph, ctx.root
     width = ctx.dims.get("d_per_layer_input", 0)
     found = 0
     for i in range(ctx.dims["n_layers"]):
         layer = spec.layer(i)
-        gate = ModuleRegion.of(graph, f"{layer}.per_layer_input_gate").output
-        if gate is None:
+        gate_out = ModuleRegion.of(graph, f"{layer}.{gate}").output
+        if gate_out is None:
+            if width:
+                raise NoMatch(f"{layer}.{gate}", "the per-layer input gate's output", NOTHING)
             continue
-        _check_width(gate, width, f"{layer}.per_layer_input_gate")
-        act = single([u for u in gate.users if in_module(u, f"{layer}.act_fn")], f"activation of {layer} PLE gate")
-        mul = single([u for u in act.users if u.target in _MULS and in_module(u, layer)],
-                     f"product of the PLE gate and the per-layer input in {layer}")
-        embed = mul.args[1] if mul.args[0] is act else mul.args[0]
-        _check_width(embed, width, f"per-layer input of {layer}")
+        _check_width(gate_out, width, f"{layer}.{gate}", "a gate output")
+        activated = single([u for u in gate_out.users if in_module(u, f"{layer}.{act}")], "activation of the PLE gate",
+                           f"{layer}.{act}")
+        mul = single([u for u in activated.users if u.target in _MULS and in_module(u, layer)],
+                     "product of the PLE gate and the per-layer input", layer)
+        embed = mul.args[1] if mul.args[0] is activated else mul.args[0]
+        _check_width(embed, width, layer, "a per-layer input")
         blk, common = f"blocks.{i}", dict(made_by="hook_per_layer_embeddings", hf_module=layer)
-        hook_after(graph, root, gate, f"{blk}.ple.hook_gate", shape=("B", "S", "P"), scope=layer, users=[act], **common)
+        hook_after(graph, root, gate_out, f"{blk}.ple.hook_gate", shape=("B", "S", "P"), scope=layer, users=[activated],
+                   **common)
         hook_after(graph, root, embed, f"{blk}.ple.hook_per_layer_input", shape=("B", "S", "P"), scope=layer,
                    users=[mul], meta_from=mul, **common)
         hook_after(graph, root, mul, f"{blk}.ple.hook_gated", shape=("B", "S", "P"), scope=layer, **common)
-        out = ModuleRegion.of(graph, f"{layer}.post_per_layer_input_norm").output
+        out = output_of(graph, f"{layer}.{out_norm}", "the per-layer branch's output norm")
         hook_after(graph, root, out, f"{blk}.hook_ple_out", shape=("B", "S", "D"), scope=layer, **common)
         found += PER_LAYER
     return found

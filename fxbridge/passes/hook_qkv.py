@@ -5,9 +5,8 @@ Separate projections:
 A view: nothing is copied, and the projection weights stay HF's. Specs with a fused projection (GPT-2's
 ``c_attn``) run ``split_fused_qkv`` instead.
 """
-from ..tracer.graph_facts import ModuleRegion
 from .base import PassContext, graph_pass
-from .graph_utils import heads_view, hook_viewed
+from .graph_utils import heads_view, hook_viewed, output_of
 
 _QKV = (("q", "hook_q", "n_heads", "H"), ("k", "hook_k", "n_kv_heads", "Hkv"), ("v", "hook_v", "n_kv_heads", "Hkv"))
 _ALIASES = {"hook_q": "q.hook_out", "hook_k": "k.hook_out", "hook_v": "v.hook_out"}
@@ -29,10 +28,8 @@ def hook_qkv(ctx: PassContext) -> int:
     for layer in range(ctx.dims["n_layers"]):
         attn_path = spec.layer(layer, spec.attn)
         sources = [spec.layer(layer, f"{spec.attn}.{getattr(spec, which)}") for which, *_ in _QKV]
-        nodes = [ModuleRegion.of(ctx.graph, path).output for path in sources]
+        nodes = [output_of(ctx.graph, path, "the projection's output") for path in sources]
         for node, source, (_, hook, heads_key, heads_sym) in zip(nodes, sources, _QKV):
-            if node is None:
-                continue
             _hook_heads(ctx, node, layer, hook, heads_key, heads_sym, attn_path, source)
             found += 1
     return found

@@ -9,7 +9,7 @@ import torch
 
 from ..tracer.graph_facts import ModuleRegion, module_stack
 from .base import PassContext, graph_pass
-from .graph_utils import hook_after, single
+from .graph_utils import hook_after, output_of, single
 
 aten = torch.ops.aten
 _ADDS = {aten.add.Tensor}
@@ -33,11 +33,12 @@ def hook_residual(ctx: PassContext) -> int:
     for i in range(ctx.dims["n_layers"]):
         layer = spec.layer(i)
         inside = ModuleRegion.of(graph, layer)
-        x_in = single([n for n in ModuleRegion.of(graph, spec.layer(i, spec.ln1)).inputs if n not in inside],
-                      f"residual input of {layer}")
-        attn_out = ModuleRegion.of(graph, spec.layer(i, spec.ln1_post or spec.attn)).output
-        mlp_out = ModuleRegion.of(graph, spec.layer(i, spec.ln2_post or spec.mlp)).output
-        out = inside.output
+        ln1 = spec.layer(i, spec.ln1)
+        x_in = single([n for n in ModuleRegion.of(graph, ln1).inputs if n not in inside],
+                      f"input from outside {layer} (the residual stream)", ln1)
+        attn_out = output_of(graph, spec.layer(i, spec.ln1_post or spec.attn), "the attention block's output")
+        mlp_out = output_of(graph, spec.layer(i, spec.ln2_post or spec.mlp), "the MLP block's output")
+        out = output_of(graph, layer, "the decoder layer's output")
         blk = f"blocks.{i}"
         common = dict(made_by="hook_residual", hf_module=layer)
         readers = [u for u in x_in.users if u in inside]
@@ -47,7 +48,7 @@ def hook_residual(ctx: PassContext) -> int:
                                 **common)
         found += 2
         if not spec.parallel:
-            mid = single([u for u in graph_node.users if u.target in _ADDS], f"residual add after {blk}.hook_attn_out")
+            mid = single([u for u in graph_node.users if u.target in _ADDS], "residual add of hook_attn_out", layer)
             hook_after(graph, root, mid, f"{blk}.hook_resid_mid", shape=("B", "S", "D"), scope=layer, **common)
             found += 1
         hook_after(graph, root, mlp_out, f"{blk}.hook_mlp_out", shape=("B", "S", "D"), scope=layer, **common)

@@ -14,8 +14,8 @@ import torch
 from torch import fx
 
 from ..tracer.graph_facts import ModuleRegion, in_module
-from .base import PassContext, graph_pass
-from .graph_utils import hook_after, single
+from .base import NoMatch, PassContext, graph_pass
+from .graph_utils import NOTHING, hook_after, single
 
 aten = torch.ops.aten
 _NO_OPS = {aten.to.dtype, aten.alias.default, aten._to_copy.default}  # casts that keep value and dtype
@@ -49,10 +49,11 @@ def _head_view(graph: fx.Graph, proj_path: str, attn_path: str, heads: int, d_he
     out = ModuleRegion.of(graph, proj_path).output
     if out is None:
         return None
-    view = single([u for u in out.users if in_module(u, attn_path) and _rank(u) == 4], f"per-head view of {proj_path}")
+    view = single([u for u in out.users if in_module(u, attn_path) and _rank(u) == 4], "per-head view of its output",
+                  proj_path)
     got = tuple(view.meta["val"].shape[-2:])
     if got != (heads, d_head):
-        raise ValueError(f"{proj_path} is viewed as {got} heads x head size, the config says {(heads, d_head)}")
+        raise NoMatch(proj_path, f"a view as {(heads, d_head)} heads x head size (the config's)", f"{got}")
     return view
 
 
@@ -66,12 +67,12 @@ def _value_entry(graph: fx.Graph, v_norm: str, k_hook: fx.Node) -> fx.Node:
 
     (In float32 HF's ``k.float()`` in k_norm returns k itself, so the graph has v_norm read k_norm's cast.)
     """
-    entry = single(ModuleRegion.of(graph, v_norm).inputs, f"input of {v_norm}")
+    entry = single(ModuleRegion.of(graph, v_norm).inputs, "input", v_norm)
     node = entry
     while node is not k_hook and node.op == "call_function" and node.target in _NO_OPS and _same_dtype(node):
         node = node.args[0]
     if node is not k_hook:
-        raise LookupError(f"{v_norm} does not read the k projection (expected with attention_k_eq_v)")
+        raise NoMatch(v_norm, "the k projection as its input (attention_k_eq_v)", f"{entry.name}")
     return entry
 
 
@@ -90,20 +91,28 @@ def _hook(ctx, node, layer, hook, heads_sym, attn_path, source, users=None):
     return point
 
 
-@graph_pass(expects=expected_hooks)
-def hook_shared_qkv(ctx: PassContext) -> int:
-    """Hook q/k/v projection outputs per head where layers may share k/v or compute v with the k projection."""
+@graph_pass(expects=lambda spec, dims, **_: expected_hooks(spec, dims))
+def hook_shared_qkv(ctx: PassContext, *, v_norm: str) -> int:
+    """Hook q/k/v projection outputs per head where layers may share k/v or compute v with the k projection.
+
+    ``v_norm``: the value norm (relative to the attention module) that reads the k projection when k = v.
+    """
     spec, graph = ctx.spec, ctx.graph
+    n = ctx.dims["n_layers"]
+    first_shared = n - ctx.dims.get("n_kv_shared_layers", 0)
     found = 0
-    for layer in range(ctx.dims["n_layers"]):
+    for layer in range(n):
         attn = spec.layer(layer, spec.attn)
         heads, kv_heads, d_head = layer_heads(ctx.config, layer)
         q = _head_view(graph, f"{attn}.{spec.q}", attn, heads, d_head)
         if q is None:
-            continue
+            raise NoMatch(f"{attn}.{spec.q}", "the q projection's output", NOTHING)
         _hook(ctx, q, layer, "hook_q", "H", attn, f"{attn}.{spec.q}")
         found += 1
         k = _head_view(graph, f"{attn}.{spec.k}", attn, kv_heads, d_head)
+        if k is None and layer < first_shared:
+            raise NoMatch(f"{attn}.{spec.k}", "the k projection's output (a layer that computes its own keys)",
+                          NOTHING)
         if k is None:  # a KV-shared layer: it reads another layer's keys and values
             continue
         v = _head_view(graph, f"{attn}.{spec.v}", attn, kv_heads, d_head)
@@ -112,8 +121,8 @@ def hook_shared_qkv(ctx: PassContext) -> int:
         if v is not None:
             _hook(ctx, v, layer, "hook_v", "Hkv", attn, f"{attn}.{spec.v}")
         else:  # k = v: the value path reads the (hooked) k projection through its own v_norm
-            entry = _value_entry(graph, f"{attn}.v_norm", k_hook)
-            value_readers = [u for u in entry.users if in_module(u, f"{attn}.v_norm")]
+            entry = _value_entry(graph, f"{attn}.{v_norm}", k_hook)
+            value_readers = [u for u in entry.users if in_module(u, f"{attn}.{v_norm}")]
             v_hook = _hook(ctx, entry, layer, "hook_v", "Hkv", attn, f"{attn}.{spec.k}", users=value_readers)
             # fire just before the value path, after the key path has read the shared storage (in-place edits)
             first = min(value_readers)

@@ -10,7 +10,7 @@ upstream of both and reach them already.
 from __future__ import annotations
 
 from ..tracer.attention_op import AttentionCall
-from .base import PassContext, graph_pass
+from .base import NoMatch, PassContext, graph_pass
 
 
 def _cores(graph) -> dict[int, AttentionCall]:
@@ -19,7 +19,8 @@ def _cores(graph) -> dict[int, AttentionCall]:
     return {call.layer_idx: call for call in calls}
 
 
-@graph_pass(expects=lambda spec, dims: dims.get("n_kv_shared_layers", 0))
+@graph_pass(expects=lambda spec, dims: dims.get("n_kv_shared_layers", 0),
+            requires=("alias_shared_kv", "hook_attention"))
 def route_shared_kv(ctx: PassContext) -> int:
     """Route each KV-shared layer's key alias through the owner layer's hook_rot_k."""
     graph = ctx.graph
@@ -30,7 +31,8 @@ def route_shared_kv(ctx: PassContext) -> int:
         raw = alias.args[0]
         hooked = owner.k  # the owner's key after its hook_rot_k
         if hooked is raw or hooked.op != "call_function":
-            raise LookupError(f"the key of {owner.node.target} is not hooked (hook_attention must run first)")
+            raise NoMatch(ctx.spec.layer(owner.layer_idx, ctx.spec.attn), "its key read through hook_rot_k",
+                          "the raw key")
         alias.replace_input_with(raw, hooked)
         found += 1
     return found

@@ -6,7 +6,7 @@
     ... attention(q_hf, k_hf, v_hf)              ... attention(q'^T, repeat(k')^T, repeat(v')^T)
 
 The layout is data (``ArchSpec.qkv_layout``: "contiguous", "per_head", "per_group"; the einops forms are in
-``architectures/qkv_layouts.py``). The size check comes first: (H + 2*Hkv) * dh features or an error naming them.
+``qkv_layouts.py``). The size check comes first: (H + 2*Hkv) * dh features or an error naming them.
 HF's split is not pattern-matched op by op. Instead every tensor HF derives from the fused output by
 shape-only ops is evaluated once on an index probe (a fused tensor whose entries are their own positions);
 a node whose probe equals q, k or v of the layout -- as [B,S,h,d] or [B,h,S,d], K/V possibly repeated to H
@@ -28,11 +28,11 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_map
 
-from ..architectures.qkv_layouts import layout_steps, split_eager
 from ..tracer.attention_op import AttentionCall
 from ..tracer.graph_facts import ModuleRegion, scoped_meta
-from .base import PassContext, graph_pass
-from .graph_utils import hook_after
+from .base import NoMatch, PassContext, graph_pass
+from .graph_utils import hook_after, output_of
+from .qkv_layouts import layout_steps, split_eager
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -110,9 +110,9 @@ def _check_size(fused: fx.Node, layout: str, dims: dict, what: str) -> None:
     n = int(fused.meta["val"].shape[-1])
     h, g, d = dims["n_heads"], dims["n_kv_heads"], dims["d_head"]
     if n != (h + 2 * g) * d:
-        raise ValueError(f"the fused projection {what} has {n} output features, but qkv_layout {layout!r} with "
-                         f"H={h}, Hkv={g}, dh={d} needs (H + 2*Hkv)*dh = {(h + 2 * g) * d}; sizes [H*dh, Hkv*dh, "
-                         f"Hkv*dh] = [{h * d}, {g * d}, {g * d}]")
+        raise NoMatch(what, f"(H + 2*Hkv)*dh = {(h + 2 * g) * d} output features for qkv_layout {layout!r} with "
+                      f"H={h}, Hkv={g}, dh={d} (sizes [H*dh, Hkv*dh, Hkv*dh] = [{h * d}, {g * d}, {g * d}])",
+                      f"{n} output features")
 
 
 def _match_region(fused, probe, candidates, attn_path) -> list[tuple[fx.Node, tuple]]:
@@ -144,9 +144,7 @@ def split_layer(ctx: PassContext, layer: int) -> int:
     spec, dims, graph = ctx.spec, ctx.dims, ctx.graph
     attn_path = spec.layer(layer, spec.attn)
     qkv_path = spec.layer(layer, f"{spec.attn}.{spec.qkv}")
-    fused = ModuleRegion.of(graph, qkv_path).output
-    if fused is None:
-        raise LookupError(f"no output found for the fused projection {qkv_path}")
+    fused = output_of(graph, qkv_path, "the fused projection's output")
     _check_size(fused, spec.qkv_layout, dims, qkv_path)
     h, g, d = dims["n_heads"], dims["n_kv_heads"], dims["d_head"]
     probe = _Probe(ctx.root, fused)
@@ -163,8 +161,8 @@ def split_layer(ctx: PassContext, layer: int) -> int:
     if solver:
         solver.check(matches)
     if found_roles != set("qkv"):
-        raise LookupError(f"HF's split of {qkv_path} does not produce {sorted(set('qkv') - found_roles)} in the "
-                          f"{spec.qkv_layout!r} layout (H={h}, Hkv={g}, dh={d}); is qkv_layout right?")
+        raise NoMatch(qkv_path, f"HF's split to produce q, k, v in the {spec.qkv_layout!r} layout (H={h}, Hkv={g}, "
+                      f"dh={d}; is qkv_layout right?)", f"it does not produce {sorted(set('qkv') - found_roles)}")
     hooked = _insert_split(ctx, fused, layer, attn_path, qkv_path)
     exprs: dict[tuple, fx.Node] = {}
     for node, key in matches:
@@ -174,7 +172,7 @@ def split_layer(ctx: PassContext, layer: int) -> int:
     _erase_dead(graph, [*probe.env, *(node for node, _ in matches), *probe.consts], keep=fused)
     stray = [u.name for u in fused.users if u.meta.get("fxbridge_pass") != "split_fused_qkv"]
     if stray:
-        raise LookupError(f"HF still reads the fused output of {qkv_path} through {stray}, outside the layout")
+        raise NoMatch(qkv_path, "its output read only through the layout's split", f"HF still reads it through {stray}")
     return 3
 
 
@@ -187,9 +185,9 @@ class _MetaSolver:
         self.region = ModuleRegion.of(fused.graph, attn_path)
         cores = [n for n in self.region.nodes if AttentionCall.is_op(n) or AttentionCall.is_core(n)]
         if len(cores) != 1:
-            raise NotImplementedError(f"{self.where} indexes with constants whose values a meta capture does not keep, "
-                                      f"and {len(cores)} attention nodes (not 1) are there to tell q, k, v apart; "
-                                      "trace this model on a real device")
+            raise NoMatch(self.where, "one attention call to tell q, k, v apart by (HF indexes with constants whose "
+                          "values a meta capture does not keep; or trace this model on a real device)",
+                          f"{len(cores)} attention calls")
         self.core, self.assumed, self.roles = cores[0], {}, {}
 
     def solve(self, probe: _Probe):
@@ -199,8 +197,8 @@ class _MetaSolver:
         role, reached = self._role(const)
         x = probe.env.get(index.args[0])
         if x is None:
-            raise LookupError(f"{self.where}: {index.name} indexes {index.args[0].name}, which the probe cannot "
-                              "evaluate; cannot solve the constant it indexes with")
+            raise NoMatch(self.where, f"{index.args[0].name}, indexed by {index.name}, computed from the fused output "
+                          "alone (to solve the constant it indexes with)", "it is not")
         fits = torch.isin(x, self.canon[role]).movedim(dim, 0).flatten(1).all(1)  # slots holding only role values
         val = const.meta["val"]
         solved = []
@@ -211,9 +209,9 @@ class _MetaSolver:
             if {key[0] for node, key in matches if node in reached} == {role}:
                 solved.append((slot, assumed, trial, matches))
         if len(solved) != 1:
-            raise LookupError(f"{self.where}: {index.name} reaches attention input {role}, but {len(solved)} slots "
-                              f"{[s[0] for s in solved]} (not 1) of dim {dim} of {index.args[0].name} make it "
-                              f"{role} of the layout; its constant {const.target} cannot be solved")
+            raise NoMatch(self.where, f"one slot of dim {dim} of {index.args[0].name} making {index.name} (it reaches "
+                          f"attention input {role}) {role} of the layout, to solve constant {const.target}",
+                          f"{len(solved)} slots {[s[0] for s in solved]}")
         slot, self.assumed, trial, matches = solved[0]
         self.roles[const] = (role, reached)
         log.debug("%s: constant %s solved as [%d] (%s)", self.where, const.target, slot, role)
@@ -224,8 +222,8 @@ class _MetaSolver:
         for const, (role, reached) in self.roles.items():
             got = {key[0] for node, key in matches if node in reached}
             if got != {role}:
-                raise LookupError(f"{self.where}: the branch of {const.target} reaches attention input {role} but "
-                                  f"matched {sorted(got)}")
+                raise NoMatch(self.where, f"the branch of {const.target} matched as attention input {role}, which "
+                              "it reaches", f"matched as {sorted(got)}")
 
     def _index_use(self, const: fx.Node) -> tuple[fx.Node, int]:
         """The one index op reading ``const`` (through copies) in the region, and the dim it indexes."""
@@ -242,8 +240,8 @@ class _MetaSolver:
             if dims and len(dims) == 1 and node.args[1][dims[0]] is prev and node.args[0] is not prev:
                 return node, dims[0]
             break
-        raise NotImplementedError(f"{self.where} reads the constant {const.target} (values lost on meta) other than "
-                                  "as the single one-element index of one index op; trace this model on a real device")
+        raise NoMatch(self.where, f"the constant {const.target} (values lost on meta) read as the one-element index of "
+                      "one index op (or trace this model on a real device)", "another use")
 
     def _role(self, const: fx.Node) -> tuple[str, set]:
         """The attention input (q, k or v) the constant's branch reaches, and the tensors of that branch."""
@@ -256,14 +254,14 @@ class _MetaSolver:
                 if user is self.core:
                     reached |= AttentionCall.of(user).roles_of(node)
                 elif user not in self.region:
-                    raise LookupError(f"{self.where}: {user.name}, outside {self.attn_path}, reads {node.name} of "
-                                      f"the branch of constant {const.target}; cannot tell its role")
+                    raise NoMatch(self.where, f"the branch of constant {const.target} read only inside "
+                                  f"{self.attn_path} (to tell its role)", f"{user.name} outside it reads {node.name}")
                 elif user not in seen:
                     seen.add(user)
                     todo.append(user)
         if len(reached) != 1 or not reached <= set("qkv"):
-            raise LookupError(f"{self.where}: the branch of constant {const.target} reaches attention inputs "
-                              f"{sorted(reached)}, not exactly one of q, k, v")
+            raise NoMatch(self.where, f"the branch of constant {const.target} reaching exactly one of attention inputs "
+                          "q, k, v", f"it reaches {sorted(reached)}")
         return reached.pop(), seen
 
 

@@ -9,7 +9,7 @@ from torch import nn
 import fxbridge as bridge
 from conftest import traced
 from fxbridge.architectures import ArchSpec
-from fxbridge.passes import PASSES, PassContext, run_passes
+from fxbridge.passes import PASSES, PassContext, capture_eager_attention, run_passes
 from tiny import build, left_padded, tokens
 
 TOL = 1e-5
@@ -140,7 +140,8 @@ def test_falcon_alibi_follows_the_branch_the_model_is_configured_for():
     sdpa.config._attn_implementation = "sdpa"
     ids = tokens(2, 9)
     gm = bridge.trace(model)
-    assert gm.spec.drop_pre_scale_bias is False
+    assert [p.options for p in gm.spec.passes if p.name == "capture_eager_attention"] == [
+        {"drop_pre_scale_bias": False}]
     with torch.no_grad():
         want, other = model(ids).logits, sdpa(ids).logits
         got = gm(ids)
@@ -368,9 +369,9 @@ def _toy_attention_graph(dim=-1):
 
 
 def _run_capture(gm, drop_pre_scale_bias=False):
-    spec = ArchSpec(**{**TOY_SPEC.__dict__, "drop_pre_scale_bias": drop_pre_scale_bias})
     dims = dict(n_layers=1, n_heads=4, n_kv_heads=4, d_head=8, d_model=32, d_vocab=1)
-    return run_passes(PassContext(gm.graph, gm, spec, dims, None), [PASSES["capture_eager_attention"]])
+    return run_passes(PassContext(gm.graph, gm, TOY_SPEC, dims, None),
+                      [capture_eager_attention(drop_pre_scale_bias=drop_pre_scale_bias)])
 
 
 @pytest.mark.parametrize("drop", [False, True])

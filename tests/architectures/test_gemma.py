@@ -279,14 +279,15 @@ def test_softcap_pass_does_not_match_other_expressions(inner, c_in, c_out):
     root, graph = _toy(inner, c_in, c_out)
     u = next(n for n in graph.nodes if n.target == "hook_unembed")
     assert match_softcap(u) is None
-    with pytest.raises(PatternNotFound, match="hook_final_softcap.*expected 1.*found 0"):
-        run_passes(_ctx(root, graph), [hook_final_softcap])
+    with pytest.raises(PatternNotFound, match=r"'hook_final_softcap' in the logits after hook_unembed \(lm_head\): "
+                       r"expected cap \* tanh\(x / cap\), cap = config.final_logit_softcapping, found no such"):
+        run_passes(_ctx(root, graph), [hook_final_softcap], already_run=["hook_unembed"])
 
 
 def test_softcap_pass_checks_the_cap_against_the_config():
     root, graph = _toy(aten.div.Tensor, 2.0, 2.0)
-    with pytest.raises(PatternNotFound, match="final_logit_softcapping=3.0"):
-        run_passes(_ctx(root, graph, cap_in_config=3.0), [hook_final_softcap])
+    with pytest.raises(PatternNotFound, match="expected the cap config.final_logit_softcapping=3.0, found cap 2.0"):
+        run_passes(_ctx(root, graph, cap_in_config=3.0), [hook_final_softcap], already_run=["hook_unembed"])
 
 
 # ---------------------------------------------------------------------------------------------------- bfloat16

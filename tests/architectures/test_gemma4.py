@@ -405,18 +405,24 @@ def test_variants_trace_exactly_with_the_hooks_they_have(variant):
 
 def test_gemma4_passes_match_nothing_elsewhere_and_fail_loudly_when_they_should_match():
     from fxbridge.architectures import dims_from_config, get_spec
-    from fxbridge.passes import PASSES, PassContext, run_passes
+    from fxbridge.architectures.gemma4 import GEMMA4_TEXT
+    from fxbridge.passes import PassContext, run_passes
     from fxbridge.tracer import capture
     model = build("llama")
-    captured = capture(model, layers=get_spec(model).layers)
-    dims = dims_from_config(model.config)
-    ctx = PassContext(captured.graph, captured.root, get_spec(model), dims, model.config)
-    for name, key in (("alias_shared_kv", "n_kv_shared_layers"), ("hook_per_layer_embeddings", "d_per_layer_input"),
-                      ("hook_moe", "n_experts")):
-        assert PASSES[name].run(ctx) == 0  # a Llama graph has none of it: nothing matches, nothing changes
+    spec = get_spec(model)
+    captured = capture(model, layers=spec.layers)
+    dims = dims_from_config(model.config, spec)
+    ctx = PassContext(captured.graph, captured.root, spec, dims, model.config)
+    gemma4_passes = {p.name: p for p in GEMMA4_TEXT.passes}  # configured with Gemma 4's module names
+    for name, key, where in (
+            ("alias_shared_kv", "n_kv_shared_layers", r"the attention calls of model\.layers\.\*: expected 2 layer"),
+            ("hook_per_layer_embeddings", "d_per_layer_input",
+             r"model\.layers\.0\.per_layer_input_gate: expected the per-layer input gate's output, found no node"),
+            ("hook_moe", "n_experts", r"model\.layers\.0\.router\.proj: expected the router logits")):
+        assert gemma4_passes[name].run(ctx) == 0  # a Llama graph has none of it: nothing matches, nothing changes
         ctx.dims = dict(dims, **{key: 2})  # a config that claims the feature: the missing match is an error
-        with pytest.raises(bridge.PatternNotFound, match=name):
-            run_passes(ctx, [PASSES[name]])
+        with pytest.raises(bridge.PatternNotFound, match=f"pass '{name}' in {where}"):
+            run_passes(ctx, [gemma4_passes[name]])
         ctx.dims = dims
     captured.graph.lint()
 
