@@ -44,7 +44,10 @@ def hook_attn_result(ctx: PassContext) -> int:
     found = 0
     for layer in range(ctx.dims["n_layers"]):
         path = spec.layer(layer, f"{spec.attn}.{spec.o_proj}")
-        module = ctx.root.get_submodule(hf_target(path))
+        try:
+            module = ctx.root.get_submodule(hf_target(path))
+        except AttributeError:
+            raise NoMatch(path, f"the attention output projection (spec o_proj={spec.o_proj!r})", "no such module") from None
         layout = _CONV1D if type(module).__name__ == "Conv1D" else _LINEAR
         region = ModuleRegion.of(graph, path)
         x = single(region.inputs, "input", path)

@@ -36,7 +36,7 @@ def make_adds_out_of_place(ctx: PassContext, *, per_layer: int) -> int:
             continue
         if not _safe(node, order):
             raise NoMatch(ctx.spec.layer(layer), "in-place adds whose overwritten operand is read by nothing later "
-                          "and is not a view", f"{node.name}, whose operand {node.args[0].name} is")
+                          "and is not a view", f"{node.name}, whose operand {node.args[0].name} is read later or is a view")
         node.target = aten.add.Tensor
         per_layer_found[layer] += 1
     for layer in range(ctx.dims["n_layers"]):

@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from toy import (LLAMA_SPEC, TOL, Attention, DecoderLayer, capture_toy, captured, delta, eager, max_diff, no_match,
+from fxbridge.passes import capture_eager_attention
+from fxbridge.passes import NoMatch
+from toy import (missed, LLAMA_SPEC, TOL, Attention, DecoderLayer, capture_toy, captured, delta, eager, max_diff, no_match,
                  op_counts, run, run_pass, tokens, toy_dims, toy_lm, toy_spec)
 
 ATTENTION = "fxbridge.attention.default"
@@ -68,7 +70,7 @@ def test_inline_attention_becomes_one_attention_call_per_layer(drop):
     root, graph = toy.fresh()
     before = op_counts(graph)
     assert before[ATTENTION] == 0 and before["aten.softmax.int"] == 1
-    spec = toy_spec(drop_pre_scale_bias=drop)
+    spec = toy_spec(passes=(capture_eager_attention(drop_pre_scale_bias=drop),))
     assert run_pass("capture_eager_attention", graph, root, spec, toy_dims(toy.model.config)) == 1
     changed = delta(before, op_counts(graph))
     # per layer, gone: q@k^T and its k transpose, + alibi, * scale, + mask, softmax, the cast, dropout, @ v;
@@ -96,7 +98,7 @@ def test_a_softmax_over_another_dim_is_refused():
     softmax = next(n for n in graph.nodes if str(n.target) == "aten.softmax.int")
     softmax.args = (softmax.args[0], 1, *softmax.args[2:])
     err = no_match("capture_eager_attention", graph, root, LLAMA_SPEC, toy_dims(toy.model.config))
-    assert (err.expected, err.found) == (1, 0) and "over dim 1" in str(err)
+    assert missed(err, 1, 0) and "over dim 1" in str(err)
 
 
 def test_a_graph_without_inline_attention_matches_nothing():
@@ -104,6 +106,6 @@ def test_a_graph_without_inline_attention_matches_nothing():
     root, graph = toy.fresh()
     before = op_counts(graph)
     err = no_match("capture_eager_attention", graph, root, LLAMA_SPEC, toy_dims(toy.model.config))
-    assert (err.expected, err.found) == (2, 0)
-    assert isinstance(err.__cause__, LookupError) and "expected one softmax in model.layers.0.self_attn" in str(err)
+    assert missed(err, 2, 0)
+    assert isinstance(err.__cause__, NoMatch) and err.where == "model.layers.0.self_attn" and "one softmax" in err.expected
     assert op_counts(graph) == before

@@ -1,7 +1,7 @@
 """hook_qkv on toy graphs: separate q/k/v projection outputs hooked per head through a view."""
 import torch
 
-from toy import (LLAMA_SPEC, captured, delta, eager, hook_nodes, max_diff, module_io, no_match, op_counts, run,
+from toy import (missed, LLAMA_SPEC, captured, delta, eager, hook_nodes, max_diff, module_io, no_match, op_counts, run,
                  run_pass, tokens, toy_dims, toy_spec, watch)
 
 QKV = [f"blocks.{i}.attn.hook_{r}" for i in range(2) for r in "qkv"]
@@ -62,7 +62,7 @@ def test_a_spec_naming_other_projections_matches_nothing():
     before = op_counts(graph)
     dims = toy_dims(toy.model.config)
     err = no_match("hook_qkv", graph, root, toy_spec(q="query", k="key", v="value"), dims)
-    assert (err.expected, err.found) == (6, 0)
+    assert missed(err, 6, 0)
     assert hook_nodes(graph) == [] and op_counts(graph) == before
 
 
@@ -70,4 +70,4 @@ def test_a_missing_projection_is_a_count_mismatch():
     toy = captured("llama")
     root, graph = toy.fresh()
     err = no_match("hook_qkv", graph, root, toy_spec(k="key"), toy_dims(toy.model.config))
-    assert (err.expected, err.found) == (6, 4)
+    assert missed(err, 6, 4)

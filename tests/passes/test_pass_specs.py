@@ -18,16 +18,20 @@ OFF_BY_CONFIG = {
 def test_every_pass_a_spec_lists_is_registered(model_type):
     spec = REGISTRY[model_type]
     assert spec.passes, model_type
-    missing = [name for name in spec.passes if name not in PASSES]
+    names = [p.name for p in spec.passes]
+    missing = [name for name in names if name not in PASSES]
     assert not missing, f"{model_type} lists unknown passes {missing}; known: {sorted(PASSES)}"
-    assert len(set(spec.passes)) == len(spec.passes), f"{model_type} lists a pass twice: {spec.passes}"
+    assert len(set(names)) == len(names), f"{model_type} lists a pass twice: {names}"
+    for p in spec.passes:
+        p.check_configured()  # every parameter a pass needs is given
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_on_each_tiny_config_every_listed_pass_expects_matches(arch):
     config = CONFIGS[arch]()
-    spec, dims = get_spec(config), dims_from_config(config)
-    expected = {name: PASSES[name].expects(spec, dims) for name in spec.passes}
+    spec = get_spec(config)
+    dims = dims_from_config(config, spec)
+    expected = {p.name: p.expected(spec, dims) for p in spec.passes}
     assert all(isinstance(n, int) for n in expected.values()), expected
     off = {name for name, n in expected.items() if n == 0}
     assert off == {name for a, name in OFF_BY_CONFIG if a == arch}, f"{arch}: expected matches per pass: {expected}"

@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from fxbridge.architectures import ArchSpec
 from fxbridge.errors import PatternNotFound
-from fxbridge.passes import PASSES, PassContext, run_passes
+from fxbridge.passes import PASSES, NoMatch, PassContext, run_passes
 from fxbridge.runtime.hook_point import HookPoint
 from fxbridge.tracer import capture
 
@@ -32,10 +32,11 @@ D, H, G, DH, FF, VOCAB = 32, 4, 2, 8, 48, 61  # d_model, heads, KV heads, head s
 # ------------------------------------------------------------------------------------------------ the adapter
 def run_pass(name: str, graph: fx.Graph, root: nn.Module, spec: ArchSpec, dims: dict, config=None,
              aliases: dict | None = None) -> int:
-    """Run pass ``name`` through the runner (which checks its match count against ``spec`` and ``dims``, lints the
+    """Run pass ``name`` (configured as ``spec.passes`` lists it, else unconfigured) through the runner (which checks its match count against ``spec`` and ``dims``, lints the
     graph, and raises ``PatternNotFound`` otherwise); returns the match count. Aliases it defines go to ``aliases``."""
     ctx = PassContext(graph, root, spec, dims, config)
-    (result,) = run_passes(ctx, [PASSES[name]])
+    graph_pass = next((p for p in spec.passes if p.name == name), None) or _as_a_family_configures(name)
+    (result,) = run_passes(ctx, [graph_pass], already_run=graph_pass.requires)  # the toy is built with those
     if aliases is not None:
         aliases.update(ctx.aliases)
     return result.matches
@@ -366,6 +367,26 @@ def no_match(name: str, graph: fx.Graph, root: nn.Module, spec: ArchSpec, dims: 
     with pytest.raises(PatternNotFound) as info:
         run_pass(name, graph, root, spec, dims, config)
     return info.value
+
+
+def _as_a_family_configures(name: str):
+    """Pass ``name`` as the first registered family lists it: the toys copy that family's HF module names (Gemma 4's
+    ``router`` / ``experts`` / ``per_layer_input_gate``), so they need the same parameters."""
+    from fxbridge.architectures import REGISTRY
+    for spec in REGISTRY.values():
+        for p in spec.passes:
+            if p.name == name and p.options:
+                return p
+    return PASSES[name]
+
+
+def missed(err: PatternNotFound, expected: int, found: int) -> bool:
+    """Whether ``err`` says the pass matched ``found`` of ``expected`` sites: either the pass stopped at a site
+    without its pattern (``NoMatch``: the error names where it looked and what it saw), or it finished with the
+    wrong count (the runner's check)."""
+    if isinstance(err.__cause__, NoMatch):
+        return found < expected and bool(err.where) and bool(err.expected)
+    return (err.expected, err.found) == (f"{expected} match(es)", str(found))
 
 
 def delta(before: Counter, after: Counter) -> dict:
