@@ -33,6 +33,7 @@ GEMMA4_TEXT = replace(
     model_types=("gemma4_text",),
     family="Gemma 4 (text)",
     notes="sandwich norms; q/k/v norms; KV sharing; k=v attention; per-layer embeddings; MoE; layer_scalar",
+    requires=("Gemma4TextConfig",),  # transformers >= 5.5
     passes=("hook_embeddings", "alias_shared_kv", "hook_attention", "route_shared_kv", "hook_shared_qkv", "hook_mlp",
             "hook_norms", "hook_residual", "hook_per_layer_embeddings", "hook_moe", "hook_unembed",
             "hook_final_softcap"),

@@ -48,6 +48,9 @@ class ArchSpec:
     eval_dropouts_per_layer: int = 0  # remove_eval_dropout: functional dropout calls per decoder layer
     inplace_adds_per_layer: int = 0  # make_adds_out_of_place: in-place residual adds per decoder layer
     notes: str = ""
+    # names the installed transformers must export for this family (its config class): where one is missing
+    # (a family newer than the installed transformers) the spec is not listed and get_spec says so
+    requires: tuple[str, ...] = ()
     passes: tuple[str, ...] = field(default=(
         "hook_embeddings", "hook_attention", "hook_qkv", "hook_mlp", "hook_norms", "hook_residual", "hook_unembed",
     ))
