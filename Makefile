@@ -1,10 +1,16 @@
-# Two commands: `make demo` and `make test`. Both create .venv when missing and install the project into it.
+# `make demo` and `make test`: both create .venv when missing and install the project into it (newest versions).
+# `make test-lowest`: the same suite in .venv-lowest on the lowest versions pyproject.toml declares.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The lowest Python pyproject.toml's requires-python allows (tests/test_versions.py keeps the two equal).
+PYTHON_LOWEST ?= python3.11
+VENV_LOWEST := .venv-lowest
+PY_LOWEST := $(VENV_LOWEST)/bin/python
+STAMP_LOWEST := $(VENV_LOWEST)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-lowest bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +26,24 @@ demo: $(STAMP)
 	$(PY) -m fxbridge demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	FXBRIDGE_CONSTRAINTS=constraints-ci.txt $(PY) -m pytest
+
+$(PY_LOWEST):
+	@command -v $(PYTHON_LOWEST) >/dev/null 2>&1 || { echo "make test-lowest: $(PYTHON_LOWEST) (the lowest Python \
+	pyproject.toml declares) is not on PATH. Install it, or run 'make test-lowest PYTHON_LOWEST=python3' to test \
+	the lowest package versions on another Python (the Python lower bound is then not what is tested)." >&2; exit 1; }
+	$(PYTHON_LOWEST) -m venv $(VENV_LOWEST)
+
+$(STAMP_LOWEST): $(PY_LOWEST) pyproject.toml constraints-lowest.txt
+	$(PY_LOWEST) -m pip install --quiet --upgrade pip
+	$(PY_LOWEST) -m pip install --quiet -c constraints-lowest.txt -e ".[test]"
+	touch $(STAMP_LOWEST)
+
+test-lowest: $(STAMP_LOWEST)
+	FXBRIDGE_CONSTRAINTS=constraints-lowest.txt $(PY_LOWEST) -m pytest
 
 bench: $(STAMP)
 	$(PY) -m fxbridge bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_LOWEST) build *.egg-info

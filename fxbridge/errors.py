@@ -10,16 +10,22 @@ class FxBridgeError(Exception):
 
 
 class UnsupportedArchitecture(FxBridgeError, ValueError):
-    """The model's ``config.model_type`` has no architecture spec."""
+    """The model's ``config.model_type`` has no architecture spec, or its family needs a newer transformers."""
 
-    def __init__(self, model_type: str, supported: Iterable[str]):
+    def __init__(self, model_type: str, supported: Iterable[str], *, family: str | None = None,
+                 missing: Iterable[str] = (), transformers_version: str | None = None):
         self.model_type = model_type
         self.supported = sorted(supported)
-        super().__init__(
-            f"fxbridge has no architecture spec for model_type={model_type!r}. "
-            f"Supported model types: {', '.join(self.supported)}. "
-            "Adding one is a small spec in fxbridge/architectures/ (see architectures/README.md)."
-        )
+        self.missing = tuple(missing)  # what the installed transformers lacks, where fxbridge has the spec
+        listed = ", ".join(self.supported)
+        if self.missing:
+            msg = (f"fxbridge supports model_type={model_type!r} ({family}), but the installed transformers "
+                   f"{transformers_version} lacks {', '.join(self.missing)}: upgrade transformers "
+                   f"(pip install -U transformers). Model types supported with this transformers: {listed}.")
+        else:
+            msg = (f"fxbridge has no architecture spec for model_type={model_type!r}. Supported model types: {listed}. "
+                   "Adding one is a small spec in fxbridge/architectures/ (see architectures/README.md).")
+        super().__init__(msg)
 
 
 class CaptureError(FxBridgeError, RuntimeError):

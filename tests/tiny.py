@@ -28,29 +28,48 @@ GEMMA4 = dict(COMMON, num_hidden_layers=5, sliding_window=4, global_head_dim=32,
               hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, enable_moe_block=True, num_experts=4,
               top_k_experts=2, moe_intermediate_size=24, final_logit_softcapping=30.0)
 
+
+class TinyConfig:
+    """A recipe for a tiny config: the transformers config class by name (a class the installed transformers
+    lacks is then detectable without building, see ``missing_config_class``) and its keyword arguments."""
+
+    def __init__(self, cls: str, **kwargs):
+        self.cls, self.kwargs = cls, kwargs
+
+    def __call__(self):
+        return getattr(tf, self.cls)(**copy.deepcopy(self.kwargs))
+
+
 CONFIGS = {
-    "llama": lambda: tf.LlamaConfig(**COMMON),
-    "mistral": lambda: tf.MistralConfig(**COMMON, sliding_window=4),
-    "qwen2": lambda: tf.Qwen2Config(**COMMON),
-    "qwen3": lambda: tf.Qwen3Config(**COMMON),
-    "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128,
-                                  bos_token_id=0, eos_token_id=0),
-    "gemma": lambda: tf.GemmaConfig(**dict(COMMON, num_key_value_heads=1, head_dim=24)),  # MQA, H*dh != D
-    "gemma2": lambda: tf.Gemma2Config(**GEMMA_SANDWICH, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
-    "gemma3_text": lambda: tf.Gemma3TextConfig(**GEMMA_SANDWICH, final_logit_softcapping=3.0, rope_parameters={
+    "llama": TinyConfig("LlamaConfig", **COMMON),
+    "mistral": TinyConfig("MistralConfig", **COMMON, sliding_window=4),
+    "qwen2": TinyConfig("Qwen2Config", **COMMON),
+    "qwen3": TinyConfig("Qwen3Config", **COMMON),
+    "gpt2": TinyConfig("GPT2Config", vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=128,
+                       bos_token_id=0, eos_token_id=0),
+    "gemma": TinyConfig("GemmaConfig", **dict(COMMON, num_key_value_heads=1, head_dim=24)),  # MQA, H*dh != D
+    "gemma2": TinyConfig("Gemma2Config", **GEMMA_SANDWICH, attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
+    "gemma3_text": TinyConfig("Gemma3TextConfig", **GEMMA_SANDWICH, final_logit_softcapping=3.0, rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
         "full_attention": {"rope_type": "default", "rope_theta": 1000.0}}),
-    "gpt_bigcode": lambda: tf.GPTBigCodeConfig(**BIGCODE, multi_query=True),
-    "gpt_bigcode_mha": lambda: tf.GPTBigCodeConfig(**BIGCODE, multi_query=False),
-    "falcon_7b": lambda: tf.FalconConfig(**dict(FALCON_OLD, multi_query=True, parallel_attn=True)),
-    "falcon_mha": lambda: tf.FalconConfig(**dict(FALCON_OLD, multi_query=False, parallel_attn=False)),
-    "falcon_rw": lambda: tf.FalconConfig(**dict(FALCON_OLD, multi_query=False, parallel_attn=False, alibi=True,
-                                                bias=True)),
-    "falcon_new_mqa": lambda: tf.FalconConfig(**FALCON, new_decoder_architecture=True, num_kv_heads=1),
-    "falcon_40b": lambda: tf.FalconConfig(**dict(FALCON, num_attention_heads=8), new_decoder_architecture=True,
-                                          num_kv_heads=2),
-    "gemma4_text": lambda: tf.Gemma4TextConfig(**GEMMA4),
+    "gpt_bigcode": TinyConfig("GPTBigCodeConfig", **BIGCODE, multi_query=True),
+    "gpt_bigcode_mha": TinyConfig("GPTBigCodeConfig", **BIGCODE, multi_query=False),
+    "falcon_7b": TinyConfig("FalconConfig", **dict(FALCON_OLD, multi_query=True, parallel_attn=True)),
+    "falcon_mha": TinyConfig("FalconConfig", **dict(FALCON_OLD, multi_query=False, parallel_attn=False)),
+    "falcon_rw": TinyConfig("FalconConfig", **dict(FALCON_OLD, multi_query=False, parallel_attn=False, alibi=True,
+                                                   bias=True)),
+    "falcon_new_mqa": TinyConfig("FalconConfig", **FALCON, new_decoder_architecture=True, num_kv_heads=1),
+    "falcon_40b": TinyConfig("FalconConfig", **dict(FALCON, num_attention_heads=8), new_decoder_architecture=True,
+                             num_kv_heads=2),
+    "gemma4_text": TinyConfig("Gemma4TextConfig", **GEMMA4),  # transformers >= 5.5
 }
+
+
+def missing_config_class(arch: str) -> str | None:
+    """The config class of tiny ``arch`` when the installed transformers lacks it (a newer family), else None."""
+    name = CONFIGS[arch].cls
+    return None if hasattr(tf, name) else name
+
 
 # What each tiny config must really contain, so a test cannot pass on a config that lost its feature.
 FEATURE_GUARDS = {

@@ -6,20 +6,40 @@ from . import gemma, gemma4, gpt2, llama, bigcode, falcon
 from .spec import ArchSpec, dims_from_config
 
 _ALL: tuple[ArchSpec, ...] = (*llama.SPECS, *gpt2.SPECS, *gemma.SPECS, *gemma4.SPECS, *bigcode.SPECS, *falcon.SPECS)
+# Every spec fxbridge has. Those whose ``requires`` the installed transformers lacks are left out of
+# supported_architectures() and refused by get_spec (checked at each call, not frozen at import).
 REGISTRY: dict[str, ArchSpec] = {t: spec for spec in _ALL for t in spec.model_types}
 
 
+def missing_from_transformers(spec: ArchSpec) -> tuple[str, ...]:
+    """The names in ``spec.requires`` that the installed transformers does not export."""
+    import transformers
+    return tuple(name for name in spec.requires if not _exports(transformers, name))
+
+
+def _exports(module, name: str) -> bool:
+    try:
+        return getattr(module, name, None) is not None
+    except Exception:  # transformers' lazy import of the name failed: as good as absent
+        return False
+
+
 def supported_architectures() -> list[str]:
-    """The HF model types fxbridge can trace."""
-    return sorted(REGISTRY)
+    """The HF model types fxbridge can trace with the installed transformers."""
+    return sorted(t for t, spec in REGISTRY.items() if not missing_from_transformers(spec))
 
 
 def get_spec(model_or_config) -> ArchSpec:
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
-    if model_type not in REGISTRY:
-        raise UnsupportedArchitecture(str(model_type), REGISTRY)
-    return REGISTRY[model_type].for_config(config)
+    spec = REGISTRY.get(model_type)
+    missing = missing_from_transformers(spec) if spec is not None else ()
+    if spec is None or missing:
+        import transformers
+        raise UnsupportedArchitecture(str(model_type), supported_architectures(), family=spec and spec.family,
+                                      missing=missing, transformers_version=transformers.__version__)
+    return spec.for_config(config)
 
 
-__all__ = ["ArchSpec", "REGISTRY", "dims_from_config", "get_spec", "supported_architectures"]
+__all__ = ["ArchSpec", "REGISTRY", "dims_from_config", "get_spec", "missing_from_transformers",
+           "supported_architectures"]

@@ -54,6 +54,7 @@ GEMMA4_TEXT = replace(
     model_types=("gemma4_text",),
     family="Gemma 4 (text)",
     notes="sandwich norms; q/k/v norms; KV sharing; k=v attention; per-layer embeddings; MoE; layer_scalar",
+    requires=("Gemma4TextConfig",),  # transformers >= 5.5
     dims_of=_dims,
     passes=(
         hook_embeddings,

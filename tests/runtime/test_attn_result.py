@@ -4,7 +4,8 @@ import torch
 from einops import rearrange
 
 import fxbridge as bridge
-from tiny import CONFIGS, build, eager_reference, tokens
+from conftest import arch_params
+from tiny import build, eager_reference, tokens
 
 TOL = 1e-5
 _RESULT = {}
@@ -17,7 +18,7 @@ def traced_with_result(arch):
     return _RESULT[arch]
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("arch", arch_params())
 def test_hook_result_sums_to_the_output_projection(arch):
     model, ref, gm = traced_with_result(arch)
     layer = 1
