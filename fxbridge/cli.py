@@ -106,7 +106,7 @@ def _export(args) -> int:
     index), Graphviz, the output path; only then are the weights built and traced."""
     import fxbridge as bridge
 
-    from .architectures import dims_from_config
+    from .architectures import dims_from_config, get_spec
     from .errors import UsageError
     from .exporter import FORMATS, RENDERED, check_layer, check_renderer
     ext = Path(args.out).suffix.lower()
@@ -117,7 +117,7 @@ def _export(args) -> int:
 
     def before_weights(config):
         if args.layer is not None:
-            check_layer(args.layer, dims_from_config(config)["n_layers"])
+            check_layer(args.layer, dims_from_config(config, get_spec(config))["n_layers"])
         if ext in RENDERED:
             check_renderer(ext)
         check_writable(args.out)

@@ -5,7 +5,7 @@ import sys
 
 
 def test_import_of_submodules_keeps_export_function():
-    code = ("import fxbridge, fxbridge.exporter, fxbridge.exporter.graph; import fxbridge.exporter.values as v; "
+    code = ("import fxbridge, fxbridge.exporter, fxbridge.exporter.graph; import fxbridge.exporter.writers as w; "
             "assert callable(fxbridge.export) and not isinstance(fxbridge.export, type(fxbridge)), fxbridge.export; "
             "assert fxbridge.exporter.graph.build_graph")
     subprocess.run([sys.executable, "-c", code], check=True)
