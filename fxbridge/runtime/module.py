@@ -78,7 +78,10 @@ class HookedGraphModule(fx.GraphModule):
         return result
 
     def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 stop_at_layer: int | None = None) -> torch.Tensor:
+                 stop_at_layer: int | None = None, **unsupported) -> torch.Tensor:
+        if unsupported:
+            raise TypeError(f"the traced module takes input_ids, attention_mask and stop_at_layer; it does not take "
+                            f"{', '.join(sorted(unsupported))} (HF forward arguments the capture does not cover)")
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a tensor of token ids [batch, pos], got {type(input_ids).__name__}")
         if self._fxb_meta and input_ids.device.type != "meta":

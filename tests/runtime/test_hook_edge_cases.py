@@ -155,3 +155,10 @@ def test_an_exception_inside_the_graph_prints_nothing_to_stderr(llama, capfd):
         gm(torch.full((1, 4), 10_000), stop_at_layer=1)
     captured = capfd.readouterr()
     assert "FX-traced Module" not in captured.err and captured.err.count("\n") < 3, captured.err
+
+
+@pytest.mark.parametrize("kwarg", ["position_ids", "inputs_embeds", "past_key_values", "use_cache"])
+def test_hf_forward_arguments_the_capture_does_not_cover_are_named(llama, kwarg):
+    _, gm = llama
+    with pytest.raises(TypeError, match=f"does not take {kwarg}"):
+        gm(tokens(1, 4), **{kwarg: None})
