@@ -21,7 +21,7 @@ import logging
 import operator
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,7 +53,7 @@ class PassContext:
     spec: ArchSpec
     dims: dict[str, int]
     config: object
-    aliases: dict[str, str] = field(default_factory=dict)
+    current_pass: str = ""  # the running pass's name (``GraphPass.run``): what the hook points it makes record
 
 
 @dataclass
@@ -109,7 +109,11 @@ class GraphPass:
     def run(self, ctx: PassContext) -> int:
         """Rewrite ``ctx.graph``; returns the number of matches (NoMatch where the pattern is absent)."""
         self.check_configured()
-        return self.fn(ctx, **self.options)
+        outer, ctx.current_pass = ctx.current_pass, self.name
+        try:
+            return self.fn(ctx, **self.options)
+        finally:
+            ctx.current_pass = outer
 
 
 def graph_pass(expects: Callable[..., int], requires: Sequence[str] = (), before: Sequence[str] = ()):

@@ -1,5 +1,8 @@
 """Helpers the passes share: splice hook nodes into the graph.
 
+A hook point's shape comes from the hook contract (``fxbridge/runtime/names.py``) and its maker from the running
+pass (``ctx.current_pass``); passes build the names with ``names.hook_name``.
+
 Nodes are found by meaning -- the HF module they came from (``tracer/graph_facts.py``: ``ModuleRegion``,
 ``module_stack``, ``layer_index``) and use-def edges -- never by generated node names or positions (STYLE.md).
 """
@@ -11,8 +14,9 @@ import torch
 from torch import fx
 
 from ..runtime.hook_point import HookPoint
+from ..runtime.names import shape_of
 from ..tracer.graph_facts import ModuleRegion, scoped_meta
-from .base import NoMatch
+from .base import NoMatch, PassContext
 
 aten = torch.ops.aten
 
@@ -45,39 +49,53 @@ def _mark_hook(node: fx.Node, name: str, made_by: str, source: fx.Node) -> None:
         node.meta["fxbridge_dtype"] = str(val.dtype).replace("torch.", "")
 
 
-def add_hook_point(root, name: str, shape: tuple[str, ...], made_by: str, hf_module: str) -> HookPoint:
+def add_hook_point(root, name: str, made_by: str, hf_module: str, shape: tuple[str, ...] | None = None) -> HookPoint:
+    """Install hook point ``name``; its shape is the hook contract's (``names.shape_of``), ``shape`` only for a name
+    the table lacks."""
+    table = shape_of(name)
+    if table is not None and shape is not None and tuple(shape) != table:
+        raise ValueError(f"hook point {name!r} has shape {table} in the hook table (fxbridge/runtime/names.py), "
+                         f"not {tuple(shape)}")
+    shape = table or shape
+    if shape is None:
+        raise ValueError(f"hook point {name!r} is not in the hook table (fxbridge/runtime/names.py): give its "
+                         "symbolic shape with shape=")
     point = HookPoint(name=name, shape=shape, made_by=made_by, hf_module=hf_module)
     install(root, name, point)
     return point
 
 
-def hook_after(graph: fx.Graph, root, node: fx.Node, name: str, *, shape: tuple[str, ...], made_by: str,
-               scope: str | None, users: Iterable[fx.Node] | None = None, hf_module: str = "",
-               meta_from: fx.Node | None = None) -> fx.Node:
+def hook_after(ctx: PassContext, node: fx.Node, name: str, *, scope: str | None,
+               users: Iterable[fx.Node] | None = None, hf_module: str = "", meta_from: fx.Node | None = None,
+               shape: tuple[str, ...] | None = None) -> fx.Node:
     """Insert hook point ``name`` on ``node``'s output; ``users`` (default: all) now read the hooked value.
 
-    The hook node sits in module ``scope`` of the stack of ``meta_from`` (default: ``node``).
+    The hook node sits in module ``scope`` of the stack of ``meta_from`` (default: ``node``); the running pass
+    (``ctx.current_pass``) is recorded as the point's maker.
     """
+    graph = ctx.graph
     targets = list(node.users) if users is None else list(users)
-    add_hook_point(root, name, shape, made_by, hf_module)
+    add_hook_point(ctx.root, name, ctx.current_pass, hf_module, shape)
     with graph.inserting_after(node):
         hook = graph.call_module(name, (node,))
     hook.meta.update(scoped_meta(meta_from or node, scope))
-    _mark_hook(hook, name, made_by, node)
+    _mark_hook(hook, name, ctx.current_pass, node)
     for user in targets:
         user.replace_input_with(node, hook)
     return hook
 
 
-def hook_viewed(graph: fx.Graph, root, node: fx.Node, name: str, *, to_hook, from_hook, shape, made_by: str,
-                scope: str | None, users: Iterable[fx.Node] | None = None, hf_module: str = "") -> fx.Node:
+def hook_viewed(ctx: PassContext, node: fx.Node, name: str, *, to_hook, from_hook, scope: str | None,
+                users: Iterable[fx.Node] | None = None, hf_module: str = "",
+                shape: tuple[str, ...] | None = None) -> fx.Node:
     """Hook ``node`` seen through a view: ``to_hook(node)`` is hooked, ``from_hook(hooked)`` replaces node.
 
     ``to_hook`` / ``from_hook`` are ``(op, args_after_input)`` pairs, e.g. ``(aten.unflatten.int, (-1, (H, dh)))``.
     The views share storage, so in-place edits in the hook propagate; a returned tensor replaces the value.
     """
+    graph = ctx.graph
     targets = list(node.users) if users is None else list(users)
-    add_hook_point(root, name, shape, made_by, hf_module)
+    add_hook_point(ctx.root, name, ctx.current_pass, hf_module, shape)
     meta = scoped_meta(node, scope)
     with graph.inserting_after(node):
         viewed = graph.call_function(to_hook[0], (node, *to_hook[1]))
@@ -87,7 +105,7 @@ def hook_viewed(graph: fx.Graph, root, node: fx.Node, name: str, *, to_hook, fro
         back = graph.call_function(from_hook[0], (hook, *from_hook[1]))
     for n in (viewed, hook, back):
         n.meta.update(meta)
-    _mark_hook(hook, name, made_by, node)
+    _mark_hook(hook, name, ctx.current_pass, node)
     for user in targets:
         user.replace_input_with(node, back)
     return hook

@@ -6,6 +6,7 @@
     z = hook_z(z)
 """
 from ..runtime.cores import AttentionCore
+from ..runtime.names import hook_name
 from ..tracer.attention_op import AttentionCall
 from ..tracer.graph_facts import layer_index
 from .base import NoMatch, PassContext, graph_pass
@@ -40,22 +41,19 @@ def hook_attention(ctx: PassContext) -> int:
         name = f"blocks.{layer}.attn"
         core_module = AttentionCore(call.scaling, call.softcap, layer)
         for point in core_module.children():
-            point.made_by, point.hf_module = "hook_attention", attn_path
+            point.made_by, point.hf_module = ctx.current_pass, attn_path
         install(ctx.root, name, core_module)
         with graph.inserting_before(node):
             core = call.with_layer(layer).emit_core(graph, name)
         core.meta.update(node.meta)
-        core.meta["fxbridge_pass"] = "hook_attention"
+        core.meta["fxbridge_pass"] = ctx.current_pass
         node.replace_all_uses_with(core)
         graph.erase_node(node)
         if spec.rotary:
-            for arg, hook, heads in ((q, "hook_rot_q", "H"), (k, "hook_rot_k", "Hkv")):
-                hook_viewed(graph, ctx.root, arg, f"{name}.{hook}", to_hook=SWAP_HEADS_POS[0],
-                            from_hook=SWAP_HEADS_POS[1], shape=("B", "S", heads, "dh"), made_by="hook_attention",
+            for arg, hook in ((q, "attn.hook_rot_q"), (k, "attn.hook_rot_k")):
+                hook_viewed(ctx, arg, hook_name(hook, layer), to_hook=SWAP_HEADS_POS[0], from_hook=SWAP_HEADS_POS[1],
                             scope=attn_path, users=[core], hf_module=attn_path)
-        hook_after(graph, ctx.root, core, f"{name}.hook_z", shape=("B", "S", "H", "dh"), made_by="hook_attention",
-                   scope=attn_path, hf_module=attn_path)
-        ctx.aliases[f"{name}.o.hook_in"] = f"{name}.hook_z"
+        hook_after(ctx, core, hook_name("attn.hook_z", layer), scope=attn_path, hf_module=attn_path)
         done.append(layer)
     missing = sorted(set(range(ctx.dims["n_layers"])) - set(done))
     if missing:

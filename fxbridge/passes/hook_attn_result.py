@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from ..runtime.names import hook_name
 from ..tracer.graph_facts import ModuleRegion, hf_target, scoped_meta
 from .base import NoMatch, PassContext, graph_pass
 from .graph_utils import NOTHING, hook_after, single
@@ -62,10 +63,10 @@ def hook_attn_result(ctx: PassContext) -> int:
             summed = graph.call_function(sum_heads, (result, bias))
         for node in (weight, result, summed, *([bias] if bias is not None else [])):
             node.meta.update(meta)
-            node.meta["fxbridge_pass"] = "hook_attn_result"
+            node.meta["fxbridge_pass"] = ctx.current_pass
         out.replace_all_uses_with(summed)
         _erase_module(graph, region.nodes)
-        hook_after(graph, ctx.root, result, f"blocks.{layer}.attn.hook_result", shape=("B", "S", "H", "D"),
-                   made_by="hook_attn_result", scope=spec.layer(layer, spec.attn), hf_module=path)
+        hook_after(ctx, result, hook_name("attn.hook_result", layer), scope=spec.layer(layer, spec.attn),
+                   hf_module=path)
         found += 1
     return found

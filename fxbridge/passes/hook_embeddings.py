@@ -7,6 +7,7 @@ TransformerLens does (the expand is a view: nothing is copied).
 """
 import torch
 
+from ..runtime.names import hook_name
 from .base import PassContext, graph_pass
 from .graph_utils import hook_after, hook_viewed, output_of
 
@@ -30,13 +31,10 @@ def hook_embeddings(ctx: PassContext) -> int:
             ids = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "input_ids")
             with graph.inserting_before(pos):
                 batch = graph.call_function(aten.sym_size.int, (ids, 0))
-            hook_viewed(graph, ctx.root, pos, "hook_pos_embed", to_hook=(aten.expand.default, ([batch, -1, -1],)),
-                        from_hook=(aten.alias.default, ()), shape=("B", "S", "D"), made_by="hook_embeddings",
-                        scope="", hf_module=spec.pos_embed)
+            hook_viewed(ctx, pos, hook_name("hook_pos_embed"), to_hook=(aten.expand.default, ([batch, -1, -1],)),
+                        from_hook=(aten.alias.default, ()), scope="", hf_module=spec.pos_embed)
         else:
-            hook_after(graph, ctx.root, pos, "hook_pos_embed", shape=("B", "S", "D"), made_by="hook_embeddings",
-                       scope="", hf_module=spec.pos_embed)
+            hook_after(ctx, pos, hook_name("hook_pos_embed"), scope="", hf_module=spec.pos_embed)
         found += 1
-    hook_after(graph, ctx.root, embed, "hook_embed", shape=("B", "S", "D"), made_by="hook_embeddings", scope="",
-               hf_module=spec.embed)
+    hook_after(ctx, embed, hook_name("hook_embed"), scope="", hf_module=spec.embed)
     return found

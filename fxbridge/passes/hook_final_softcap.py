@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..runtime.names import hook_name
 from .base import NoMatch, PassContext, graph_pass
 from .graph_utils import hook_after
 
@@ -87,6 +88,5 @@ def hook_final_softcap(ctx: PassContext) -> int:
     want = getattr(ctx.config, attr, None) if attr else None
     if want is None or not _close(cap, float(want)):
         raise NoMatch(where, f"the cap config.{attr}={want}", f"cap {cap} in the graph")
-    hook_after(ctx.graph, ctx.root, out, "hook_logits", shape=("B", "S", "V"), made_by="hook_final_softcap",
-               scope="", hf_module=ctx.spec.unembed)
+    hook_after(ctx, out, hook_name("hook_logits"), scope="", hf_module=ctx.spec.unembed)
     return 1

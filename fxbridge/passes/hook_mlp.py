@@ -4,6 +4,7 @@ output) and ``hook_post`` (the input of the down projection).
     h = act(linear(x, W_gate)) * linear(x, W_up)      ->   h = act(hook_pre(gate)) * hook_pre_linear(up)
     y = linear(h, W_down)                             ->   y = linear(hook_post(h), W_down)
 """
+from ..runtime.names import hook_name
 from ..tracer.graph_facts import ModuleRegion
 from .base import PassContext, graph_pass
 from .graph_utils import hook_after, output_of, single
@@ -20,26 +21,18 @@ def hook_mlp(ctx: PassContext) -> int:
     found = 0
     for layer in range(ctx.dims["n_layers"]):
         mlp_path = spec.layer(layer, spec.mlp)
-        prefix = f"blocks.{layer}.mlp"
         pre_path = spec.layer(layer, f"{spec.mlp}.{spec.mlp_gate or spec.mlp_in}")
-        todo = [(pre_path, "hook_pre")]
+        todo = [(pre_path, "mlp.hook_pre")]
         if spec.mlp_gate:
-            todo.append((spec.layer(layer, f"{spec.mlp}.{spec.mlp_in}"), "hook_pre_linear"))
+            todo.append((spec.layer(layer, f"{spec.mlp}.{spec.mlp_in}"), "mlp.hook_pre_linear"))
         for path, hook in todo:
             out = output_of(graph, path, "the projection's output")
-            hook_after(graph, ctx.root, out, f"{prefix}.{hook}", shape=("B", "S", "F"), made_by="hook_mlp",
-                       scope=mlp_path, hf_module=path)
+            hook_after(ctx, out, hook_name(hook, layer), scope=mlp_path, hf_module=path)
             found += 1
         down_path = spec.layer(layer, f"{spec.mlp}.{spec.mlp_out}")
         down = ModuleRegion.of(graph, down_path)
         post = single(down.inputs, "input", down_path)
-        hook_after(graph, ctx.root, post, f"{prefix}.hook_post", shape=("B", "S", "F"), made_by="hook_mlp",
-                   scope=mlp_path, users=[u for u in post.users if u in down], hf_module=down_path)
+        hook_after(ctx, post, hook_name("mlp.hook_post", layer), scope=mlp_path,
+                   users=[u for u in post.users if u in down], hf_module=down_path)
         found += 1
-        ctx.aliases.update({
-            f"{prefix}.{'gate' if spec.mlp_gate else 'in'}.hook_out": f"{prefix}.hook_pre",
-            f"{prefix}.out.hook_in": f"{prefix}.hook_post",
-        })
-        if spec.mlp_gate:
-            ctx.aliases[f"{prefix}.in.hook_out"] = f"{prefix}.hook_pre_linear"
     return found

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..runtime.names import hook_name
 from ..tracer.graph_facts import ModuleRegion, scoped_meta
 from .base import NoMatch, PassContext, graph_pass
 from .graph_utils import NOTHING, hook_after, hook_viewed, output_of, single
@@ -49,7 +50,7 @@ def _batch_seq(graph, router_path: str):
 @graph_pass(expects=lambda spec, dims, **_: PER_LAYER * dims["n_layers"] if dims.get("n_experts") else 0)
 def hook_moe(ctx: PassContext, *, router: str, router_proj: str, experts: str, out_norm: str) -> int:
     """Hook router logits, expert probabilities, chosen experts, routing weights, slot outputs, MoE output."""
-    spec, graph, root = ctx.spec, ctx.graph, ctx.root
+    spec, graph = ctx.spec, ctx.graph
     found = 0
     for i in range(ctx.dims["n_layers"]):
         layer, proj = spec.layer(i), spec.layer(i, router_proj)
@@ -69,16 +70,14 @@ def hook_moe(ctx: PassContext, *, router: str, router_proj: str, experts: str, o
         slots = single([n for n in expert_region.nodes if _rank(n) == 3
                         and any(u.target in _SUMS and u.args[1] == [1] for u in n.users)],
                        "per-slot output [N,K,D] summed over K", experts_path)
-        blk, common = f"blocks.{i}", dict(made_by="hook_moe", scope=layer)
-        for node, name, shape, path in (
-                (logits, "moe.hook_router_logits", ("B", "S", "E"), proj),
-                (probs, "moe.hook_expert_weights", ("B", "S", "E"), router_path),
-                (indices, "moe.hook_expert_indices", ("B", "S", "K"), router_path),
-                (weights, "moe.hook_routing_weights", ("B", "S", "K"), router_path),
-                (slots, "moe.hook_expert_out", ("B", "S", "K", "D"), experts_path)):
-            hook_viewed(graph, root, node, f"{blk}.{name}", to_hook=tokens[0], from_hook=tokens[1], shape=shape,
-                        hf_module=path, **common)
+        for node, name, path in ((logits, "moe.hook_router_logits", proj),
+                                 (probs, "moe.hook_expert_weights", router_path),
+                                 (indices, "moe.hook_expert_indices", router_path),
+                                 (weights, "moe.hook_routing_weights", router_path),
+                                 (slots, "moe.hook_expert_out", experts_path)):
+            hook_viewed(ctx, node, hook_name(name, i), to_hook=tokens[0], from_hook=tokens[1], scope=layer,
+                        hf_module=path)
         out = output_of(graph, spec.layer(i, out_norm), "the MoE block's output norm")
-        hook_after(graph, root, out, f"{blk}.hook_moe_out", shape=("B", "S", "D"), hf_module=layer, **common)
+        hook_after(ctx, out, hook_name("hook_moe_out", i), scope=layer, hf_module=layer)
         found += PER_LAYER
     return found

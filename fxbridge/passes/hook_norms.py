@@ -43,11 +43,12 @@ def _reads(node, target, depth: int = 4) -> bool:
     return depth > 0 and any(_reads(arg, target, depth - 1) for arg in node.all_input_nodes)
 
 
-def _replace(graph, old, target, args, meta):
+def _replace(ctx, old, target, args, meta):
+    graph = ctx.graph
     with graph.inserting_before(old):
         new = graph.call_module(target, args)
     new.meta.update(meta)
-    new.meta["fxbridge_pass"] = "hook_norms"
+    new.meta["fxbridge_pass"] = ctx.current_pass
     old.replace_all_uses_with(new)
     graph.erase_node(old)
     return new
@@ -64,7 +65,7 @@ def _rewrite_rms(ctx, prefix, nodes) -> bool:
         if not _reads(var_eps, x):  # the variance must be computed from the value being normalised
             continue
         install(ctx.root, prefix, RMSNormCore())
-        _replace(ctx.graph, mul, prefix, (x, var_eps), mul.meta)
+        _replace(ctx, mul, prefix, (x, var_eps), mul.meta)
         ctx.graph.erase_node(r)
         return True
     return False
@@ -74,7 +75,7 @@ def _rewrite_layer_norm(ctx, prefix, nodes) -> bool:
     for ln in (n for n in nodes if n.target in _LAYER_NORMS):
         x, shape, weight, bias, eps = (list(ln.args) + [None, None, ln.kwargs.get("eps", 1e-5)])[:5]
         install(ctx.root, prefix, LayerNormCore(shape, eps))
-        _replace(ctx.graph, ln, prefix, (x, weight, bias), ln.meta)
+        _replace(ctx, ln, prefix, (x, weight, bias), ln.meta)
         return True
     return False
 
@@ -90,6 +91,6 @@ def hook_norms(ctx: PassContext) -> int:
             raise NoMatch(path, _FORMS[ctx.spec.norm], f"none among its {len(nodes)} nodes")
         core = ctx.root.get_submodule(prefix)
         for point in core.children():
-            point.made_by, point.hf_module = "hook_norms", path
+            point.made_by, point.hf_module = ctx.current_pass, path
         found += 1
     return found

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..runtime.names import hook_name
 from ..tracer.graph_facts import ModuleRegion, in_module
 from .base import NoMatch, PassContext, graph_pass
 from .graph_utils import NOTHING, hook_after, output_of, single
@@ -30,7 +31,7 @@ def _check_width(node, width: int, where: str, what: str) -> None:
 @graph_pass(expects=lambda spec, dims, **_: PER_LAYER * dims["n_layers"] if dims.get("d_per_layer_input") else 0)
 def hook_per_layer_embeddings(ctx: PassContext, *, gate: str, act: str, out_norm: str) -> int:
     """Hook each layer's per-layer embedding, its gate, the gated input and the branch output."""
-    spec, graph, root = ctx.spec, ctx.graph, ctx.root
+    spec, graph = ctx.spec, ctx.graph
     width = ctx.dims.get("d_per_layer_input", 0)
     found = 0
     for i in range(ctx.dims["n_layers"]):
@@ -47,13 +48,11 @@ def hook_per_layer_embeddings(ctx: PassContext, *, gate: str, act: str, out_norm
                      "product of the PLE gate and the per-layer input", layer)
         embed = mul.args[1] if mul.args[0] is activated else mul.args[0]
         _check_width(embed, width, layer, "a per-layer input")
-        blk, common = f"blocks.{i}", dict(made_by="hook_per_layer_embeddings", hf_module=layer)
-        hook_after(graph, root, gate_out, f"{blk}.ple.hook_gate", shape=("B", "S", "P"), scope=layer, users=[activated],
-                   **common)
-        hook_after(graph, root, embed, f"{blk}.ple.hook_per_layer_input", shape=("B", "S", "P"), scope=layer,
-                   users=[mul], meta_from=mul, **common)
-        hook_after(graph, root, mul, f"{blk}.ple.hook_gated", shape=("B", "S", "P"), scope=layer, **common)
+        hook_after(ctx, gate_out, hook_name("ple.hook_gate", i), scope=layer, users=[activated], hf_module=layer)
+        hook_after(ctx, embed, hook_name("ple.hook_per_layer_input", i), scope=layer, users=[mul], meta_from=mul,
+                   hf_module=layer)
+        hook_after(ctx, mul, hook_name("ple.hook_gated", i), scope=layer, hf_module=layer)
         out = output_of(graph, f"{layer}.{out_norm}", "the per-layer branch's output norm")
-        hook_after(graph, root, out, f"{blk}.hook_ple_out", shape=("B", "S", "D"), scope=layer, **common)
+        hook_after(ctx, out, hook_name("hook_ple_out", i), scope=layer, hf_module=layer)
         found += PER_LAYER
     return found

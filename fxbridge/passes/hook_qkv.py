@@ -5,19 +5,11 @@ Separate projections:
 A view: nothing is copied, and the projection weights stay HF's. Specs with a fused projection (GPT-2's
 ``c_attn``) run ``split_fused_qkv`` instead.
 """
+from ..runtime.names import hook_name
 from .base import PassContext, graph_pass
 from .graph_utils import heads_view, hook_viewed, output_of
 
-_QKV = (("q", "hook_q", "n_heads", "H"), ("k", "hook_k", "n_kv_heads", "Hkv"), ("v", "hook_v", "n_kv_heads", "Hkv"))
-_ALIASES = {"hook_q": "q.hook_out", "hook_k": "k.hook_out", "hook_v": "v.hook_out"}
-
-
-def _hook_heads(ctx, node, layer, hook, heads_key, heads_sym, attn_path, hf_module):
-    to_hook, from_hook = heads_view(ctx.dims[heads_key], ctx.dims["d_head"])
-    name = f"blocks.{layer}.attn.{hook}"
-    hook_viewed(ctx.graph, ctx.root, node, name, to_hook=to_hook, from_hook=from_hook,
-                shape=("B", "S", heads_sym, "dh"), made_by="hook_qkv", scope=attn_path, hf_module=hf_module)
-    ctx.aliases[f"blocks.{layer}.attn.{_ALIASES[hook]}"] = name
+_QKV = (("q", "attn.hook_q", "n_heads"), ("k", "attn.hook_k", "n_kv_heads"), ("v", "attn.hook_v", "n_kv_heads"))
 
 
 @graph_pass(expects=lambda spec, dims: 3 * dims["n_layers"])
@@ -29,7 +21,9 @@ def hook_qkv(ctx: PassContext) -> int:
         attn_path = spec.layer(layer, spec.attn)
         sources = [spec.layer(layer, f"{spec.attn}.{getattr(spec, which)}") for which, *_ in _QKV]
         nodes = [output_of(ctx.graph, path, "the projection's output") for path in sources]
-        for node, source, (_, hook, heads_key, heads_sym) in zip(nodes, sources, _QKV):
-            _hook_heads(ctx, node, layer, hook, heads_key, heads_sym, attn_path, source)
+        for node, source, (_, hook, heads_key) in zip(nodes, sources, _QKV):
+            to_hook, from_hook = heads_view(ctx.dims[heads_key], ctx.dims["d_head"])
+            hook_viewed(ctx, node, hook_name(hook, layer), to_hook=to_hook, from_hook=from_hook, scope=attn_path,
+                        hf_module=source)
             found += 1
     return found

@@ -7,6 +7,7 @@ Sandwich-norm models hook the post-norm outputs as attn_out / mlp_out; parallel 
 """
 import torch
 
+from ..runtime.names import hook_name
 from ..tracer.graph_facts import ModuleRegion, module_stack
 from .base import PassContext, graph_pass
 from .graph_utils import hook_after, output_of, single
@@ -28,7 +29,7 @@ def _parent_scope(node, path: str) -> str:
 @graph_pass(expects=lambda spec, dims: _hooks_per_layer(spec) * dims["n_layers"])
 def hook_residual(ctx: PassContext) -> int:
     """Hook resid_pre, attn_out, resid_mid, mlp_out and resid_post of each layer."""
-    spec, graph, root = ctx.spec, ctx.graph, ctx.root
+    spec, graph = ctx.spec, ctx.graph
     found = 0
     for i in range(ctx.dims["n_layers"]):
         layer = spec.layer(i)
@@ -39,22 +40,16 @@ def hook_residual(ctx: PassContext) -> int:
         attn_out = output_of(graph, spec.layer(i, spec.ln1_post or spec.attn), "the attention block's output")
         mlp_out = output_of(graph, spec.layer(i, spec.ln2_post or spec.mlp), "the MLP block's output")
         out = output_of(graph, layer, "the decoder layer's output")
-        blk = f"blocks.{i}"
-        common = dict(made_by="hook_residual", hf_module=layer)
         readers = [u for u in x_in.users if u in inside]
-        hook_after(graph, root, x_in, f"{blk}.hook_resid_pre", shape=("B", "S", "D"), scope=layer, users=readers,
-                   meta_from=readers[0], **common)
-        graph_node = hook_after(graph, root, attn_out, f"{blk}.hook_attn_out", shape=("B", "S", "D"), scope=layer,
-                                **common)
+        hook_after(ctx, x_in, hook_name("hook_resid_pre", i), scope=layer, users=readers, meta_from=readers[0],
+                   hf_module=layer)
+        graph_node = hook_after(ctx, attn_out, hook_name("hook_attn_out", i), scope=layer, hf_module=layer)
         found += 2
         if not spec.parallel:
             mid = single([u for u in graph_node.users if u.target in _ADDS], "residual add of hook_attn_out", layer)
-            hook_after(graph, root, mid, f"{blk}.hook_resid_mid", shape=("B", "S", "D"), scope=layer, **common)
+            hook_after(ctx, mid, hook_name("hook_resid_mid", i), scope=layer, hf_module=layer)
             found += 1
-        hook_after(graph, root, mlp_out, f"{blk}.hook_mlp_out", shape=("B", "S", "D"), scope=layer, **common)
-        hook_after(graph, root, out, f"{blk}.hook_resid_post", shape=("B", "S", "D"), scope=_parent_scope(out, layer),
-                   **common)
+        hook_after(ctx, mlp_out, hook_name("hook_mlp_out", i), scope=layer, hf_module=layer)
+        hook_after(ctx, out, hook_name("hook_resid_post", i), scope=_parent_scope(out, layer), hf_module=layer)
         found += 2
-        ctx.aliases.update({f"{blk}.hook_in": f"{blk}.hook_resid_pre", f"{blk}.hook_out": f"{blk}.hook_resid_post",
-                            f"{blk}.attn.hook_out": f"{blk}.hook_attn_out", f"{blk}.mlp.hook_out": f"{blk}.hook_mlp_out"})
     return found

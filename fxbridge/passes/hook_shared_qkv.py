@@ -13,14 +13,13 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from ..runtime.names import hook_name
 from ..tracer.graph_facts import ModuleRegion, in_module
 from .base import NoMatch, PassContext, graph_pass
 from .graph_utils import NOTHING, hook_after, single
 
 aten = torch.ops.aten
 _NO_OPS = {aten.to.dtype, aten.alias.default, aten._to_copy.default}  # casts that keep value and dtype
-
-_ALIASES = {"hook_q": "q.hook_out", "hook_k": "k.hook_out", "hook_v": "v.hook_out"}
 
 
 def expected_hooks(spec, dims) -> int:
@@ -83,12 +82,8 @@ def _same_dtype(node: fx.Node) -> bool:
     return isinstance(val, torch.Tensor) and str(val.dtype).replace("torch.", "") == str(want).replace("torch.", "")
 
 
-def _hook(ctx, node, layer, hook, heads_sym, attn_path, source, users=None):
-    name = f"blocks.{layer}.attn.{hook}"
-    point = hook_after(ctx.graph, ctx.root, node, name, shape=("B", "S", heads_sym, "dh"), made_by="hook_shared_qkv",
-                       scope=attn_path, users=users, hf_module=source)
-    ctx.aliases[f"blocks.{layer}.attn.{_ALIASES[hook]}"] = name
-    return point
+def _hook(ctx, node, layer, hook, attn_path, source, users=None):
+    return hook_after(ctx, node, hook_name(f"attn.{hook}", layer), scope=attn_path, users=users, hf_module=source)
 
 
 @graph_pass(expects=lambda spec, dims, **_: expected_hooks(spec, dims))
@@ -107,7 +102,7 @@ def hook_shared_qkv(ctx: PassContext, *, v_norm: str) -> int:
         q = _head_view(graph, f"{attn}.{spec.q}", attn, heads, d_head)
         if q is None:
             raise NoMatch(f"{attn}.{spec.q}", "the q projection's output", NOTHING)
-        _hook(ctx, q, layer, "hook_q", "H", attn, f"{attn}.{spec.q}")
+        _hook(ctx, q, layer, "hook_q", attn, f"{attn}.{spec.q}")
         found += 1
         k = _head_view(graph, f"{attn}.{spec.k}", attn, kv_heads, d_head)
         if k is None and layer < first_shared:
@@ -116,14 +111,14 @@ def hook_shared_qkv(ctx: PassContext, *, v_norm: str) -> int:
         if k is None:  # a KV-shared layer: it reads another layer's keys and values
             continue
         v = _head_view(graph, f"{attn}.{spec.v}", attn, kv_heads, d_head)
-        k_hook = _hook(ctx, k, layer, "hook_k", "Hkv", attn, f"{attn}.{spec.k}")
+        k_hook = _hook(ctx, k, layer, "hook_k", attn, f"{attn}.{spec.k}")
         found += 1
         if v is not None:
-            _hook(ctx, v, layer, "hook_v", "Hkv", attn, f"{attn}.{spec.v}")
+            _hook(ctx, v, layer, "hook_v", attn, f"{attn}.{spec.v}")
         else:  # k = v: the value path reads the (hooked) k projection through its own v_norm
             entry = _value_entry(graph, f"{attn}.{v_norm}", k_hook)
             value_readers = [u for u in entry.users if in_module(u, f"{attn}.{v_norm}")]
-            v_hook = _hook(ctx, entry, layer, "hook_v", "Hkv", attn, f"{attn}.{spec.k}", users=value_readers)
+            v_hook = _hook(ctx, entry, layer, "hook_v", attn, f"{attn}.{spec.k}", users=value_readers)
             # fire just before the value path, after the key path has read the shared storage (in-place edits)
             first = min(value_readers)
             first.prepend(v_hook)

@@ -28,6 +28,7 @@ import torch
 from torch import fx
 from torch.utils._pytree import tree_map
 
+from ..runtime.names import hook_name
 from ..tracer.attention_op import AttentionCall
 from ..tracer.graph_facts import ModuleRegion, scoped_meta
 from .base import NoMatch, PassContext, graph_pass
@@ -36,7 +37,6 @@ from .qkv_layouts import layout_steps, split_eager
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-_ALIASES = {"q": "q.hook_out", "k": "k.hook_out", "v": "v.hook_out"}
 _CONST_OPS = {aten.lift_fresh_copy.default, aten.clone.default, aten.detach.default}
 
 
@@ -279,11 +279,8 @@ def _insert_split(ctx, fused, layer, attn_path, qkv_path) -> dict[str, fx.Node]:
             with graph.inserting_after(last):
                 x = last = graph.call_function(op, (x, *args))
             _tag(x, meta)
-        name = f"blocks.{layer}.attn.hook_{role}"
-        heads = "H" if role == "q" else "Hkv"
-        last = hooked[role] = hook_after(graph, ctx.root, x, name, shape=("B", "S", heads, "dh"),
-                                         made_by="split_fused_qkv", scope=attn_path, users=[], hf_module=qkv_path)
-        ctx.aliases[f"blocks.{layer}.attn.{_ALIASES[role]}"] = name
+        last = hooked[role] = hook_after(ctx, x, hook_name(f"attn.hook_{role}", layer), scope=attn_path, users=[],
+                                         hf_module=qkv_path)
     return hooked
 
 

@@ -2,6 +2,7 @@
 import torch
 
 from fxbridge.runtime.cores import AttentionCore
+from fxbridge.runtime.names import aliases_for
 from toy import (missed, GPT2_SPEC, LLAMA_SPEC, TOL, captured, delta, eager, hook_nodes, hook_points, max_diff, module_calls,
                  no_match, op_counts, run, run_pass, tokens, toy_dims, watch)
 
@@ -18,9 +19,7 @@ def test_replaces_each_attention_call_by_a_core_and_hooks_rot_q_rot_k_z():
     root, graph = toy.fresh()
     before = op_counts(graph)
     assert before[ATTENTION] == 2 and module_calls(graph) == []
-    aliases = {}
-    assert run_pass("hook_attention", graph, root, LLAMA_SPEC, toy_dims(toy.model.config), toy.model.config,
-                    aliases) == 2
+    assert run_pass("hook_attention", graph, root, LLAMA_SPEC, toy_dims(toy.model.config), toy.model.config) == 2
     # each rot hook sees [B,S,h,dh] through a transpose pair
     assert delta(before, op_counts(graph)) == {ATTENTION: -2, "aten.transpose.int": 8}
     assert sorted(hook_nodes(graph)) == sorted(_layer_hooks(0) + _layer_hooks(1))
@@ -31,7 +30,7 @@ def test_replaces_each_attention_call_by_a_core_and_hooks_rot_q_rot_k_z():
         assert core.scaling == 8 ** -0.5
     assert {f"blocks.{i}.attn.{h}" for i in range(2) for h in ("hook_attn_scores", "hook_pattern")} <= set(
         hook_points(root))
-    assert aliases == {f"blocks.{i}.attn.o.hook_in": f"blocks.{i}.attn.hook_z" for i in range(2)}
+    assert aliases_for(hook_points(root)) == {f"blocks.{i}.attn.o.hook_in": f"blocks.{i}.attn.hook_z" for i in range(2)}
 
 
 def test_fused_and_eager_paths_keep_the_values_and_the_hooks_see_the_toy_values():

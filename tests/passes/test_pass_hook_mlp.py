@@ -3,8 +3,9 @@ import torch
 import torch.nn.functional as F
 
 from fxbridge.passes import NoMatch
+from fxbridge.runtime.names import aliases_for
 from toy import (missed, GPT2_SPEC, LLAMA_SPEC, captured, delta, eager, hook_nodes, max_diff, module_io, no_match, op_counts,
-                 run, run_pass, tokens, toy_dims, toy_spec, watch)
+                 run, run_pass, tokens, toy_dims, toy_spec, watch, hook_points)
 
 
 def _gated(i):
@@ -15,10 +16,10 @@ def test_gated_mlp_gets_three_hooks_per_layer_with_the_toy_values():
     toy = captured("llama")
     root, graph = toy.fresh()
     before = op_counts(graph)
-    aliases = {}
-    assert run_pass("hook_mlp", graph, root, LLAMA_SPEC, toy_dims(toy.model.config), aliases=aliases) == 6
+    assert run_pass("hook_mlp", graph, root, LLAMA_SPEC, toy_dims(toy.model.config)) == 6
     assert delta(before, op_counts(graph)) == {}
     assert hook_nodes(graph) == _gated(0) + _gated(1)
+    aliases = aliases_for(hook_points(root))  # the contract's aliases of the points the pass made
     assert aliases["blocks.1.mlp.gate.hook_out"] == "blocks.1.mlp.hook_pre"
     assert aliases["blocks.1.mlp.in.hook_out"] == "blocks.1.mlp.hook_pre_linear"
     assert aliases["blocks.1.mlp.out.hook_in"] == "blocks.1.mlp.hook_post"

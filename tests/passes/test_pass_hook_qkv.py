@@ -1,8 +1,9 @@
 """hook_qkv on toy graphs: separate q/k/v projection outputs hooked per head through a view."""
 import torch
 
+from fxbridge.runtime.names import aliases_for
 from toy import (missed, LLAMA_SPEC, captured, delta, eager, hook_nodes, max_diff, module_io, no_match, op_counts, run,
-                 run_pass, tokens, toy_dims, toy_spec, watch)
+                 run_pass, tokens, toy_dims, toy_spec, watch, hook_points)
 
 QKV = [f"blocks.{i}.attn.hook_{r}" for i in range(2) for r in "qkv"]
 
@@ -11,10 +12,10 @@ def test_hooks_q_k_v_of_every_layer_as_views():
     toy = captured("llama")
     root, graph = toy.fresh()
     before = op_counts(graph)
-    aliases = {}
-    assert run_pass("hook_qkv", graph, root, LLAMA_SPEC, toy_dims(toy.model.config), aliases=aliases) == 6
+    assert run_pass("hook_qkv", graph, root, LLAMA_SPEC, toy_dims(toy.model.config)) == 6
     assert delta(before, op_counts(graph)) == {"aten.flatten.using_ints": 6, "aten.unflatten.int": 6}
     assert hook_nodes(graph) == QKV
+    aliases = aliases_for(hook_points(root))  # the contract's aliases of the points the pass made
     assert aliases == {f"blocks.{i}.attn.{r}.hook_out": f"blocks.{i}.attn.hook_{r}" for i in range(2) for r in "qkv"}
 
 

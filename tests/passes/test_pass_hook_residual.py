@@ -4,8 +4,9 @@ import functools
 import torch
 
 from fxbridge.passes import NoMatch
+from fxbridge.runtime.names import aliases_for
 from toy import (missed, LLAMA_SPEC, DecoderLayer, RMSNorm, capture_toy, captured, delta, eager, hook_nodes, max_diff,
-                 module_io, no_match, op_counts, run, run_pass, tokens, toy_dims, toy_lm, toy_spec, watch)
+                 module_io, no_match, op_counts, run, run_pass, tokens, toy_dims, toy_lm, toy_spec, watch, hook_points)
 
 SEQUENTIAL = ["hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post"]
 PARALLEL_SPEC = toy_spec(parallel=True, ln2=None)
@@ -49,10 +50,10 @@ def test_sequential_blocks_get_five_hooks_a_layer_with_the_toy_values():
     toy = captured("llama")
     root, graph = toy.fresh()
     before = op_counts(graph)
-    aliases = {}
-    assert run_pass("hook_residual", graph, root, LLAMA_SPEC, toy_dims(toy.model.config), aliases=aliases) == 10
+    assert run_pass("hook_residual", graph, root, LLAMA_SPEC, toy_dims(toy.model.config)) == 10
     assert delta(before, op_counts(graph)) == {}
     assert hook_nodes(graph) == _names(SEQUENTIAL)
+    aliases = aliases_for(hook_points(root))  # the contract's aliases of the points the pass made
     assert aliases["blocks.1.hook_in"] == "blocks.1.hook_resid_pre"
     assert aliases["blocks.1.hook_out"] == "blocks.1.hook_resid_post"
     assert aliases["blocks.0.attn.hook_out"] == "blocks.0.hook_attn_out"

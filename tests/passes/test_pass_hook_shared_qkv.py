@@ -9,8 +9,9 @@ from types import SimpleNamespace
 import torch
 
 from fxbridge.passes import NoMatch
+from fxbridge.runtime.names import aliases_for
 from toy import (missed, LLAMA_SPEC, TOL, capture_toy, delta, eager, hook_nodes, max_diff, no_match, op_counts, run, run_pass,
-                 tokens, toy_config, toy_dims, toy_lm, toy_spec)
+                 tokens, toy_config, toy_dims, toy_lm, toy_spec, hook_points)
 
 HEADS = [(4, 2, 8), (4, 1, 16), (4, 2, 8)]
 LAYER_KW = [{}, {"heads": HEADS[1], "k_eq_v": True}, {"kv_from": 0}]
@@ -49,11 +50,10 @@ def test_hooks_q_on_every_layer_and_k_v_where_the_layer_computes_them():
     toy = _toy()
     root, graph = toy.fresh()
     before = op_counts(graph)
-    aliases = {}
-    assert run_pass("hook_shared_qkv", graph, root, LLAMA_SPEC, _dims(toy), toy.model.config, aliases) == 7
+    assert run_pass("hook_shared_qkv", graph, root, LLAMA_SPEC, _dims(toy), toy.model.config) == 7
     assert delta(before, op_counts(graph)) == {}
     assert hook_nodes(graph) == HOOKS
-    assert aliases == {h.replace("hook_", "") + ".hook_out": h for h in HOOKS}
+    assert aliases_for(hook_points(root)) == {h.replace("hook_", "") + ".hook_out": h for h in HOOKS}
     seen = {}
     for name in HOOKS:
         root.get_submodule(name).add_hook(lambda t, hook: seen.__setitem__(hook.name, t.clone()))

@@ -1,20 +1,20 @@
 """hook_unembed on toy graphs: the lm_head output (pre-softcap logits)."""
 import torch
 
+from fxbridge.runtime.names import aliases_for
 from toy import (missed, LLAMA_SPEC, captured, delta, eager, hook_nodes, max_diff, module_io, no_match, op_counts, run,
-                 run_pass, tokens, toy_dims, toy_spec, watch)
+                 run_pass, tokens, toy_dims, toy_spec, watch, hook_points)
 
 
 def test_hooks_the_lm_head_output():
     toy = captured("llama")
     root, graph = toy.fresh()
     before = op_counts(graph)
-    aliases = {}
-    assert run_pass("hook_unembed", graph, root, LLAMA_SPEC, toy_dims(toy.model.config), aliases=aliases) == 1
+    assert run_pass("hook_unembed", graph, root, LLAMA_SPEC, toy_dims(toy.model.config)) == 1
     assert delta(before, op_counts(graph)) == {}
     assert hook_nodes(graph) == ["hook_unembed"]
     assert graph.output_node().args[0].target == "hook_unembed"
-    assert aliases == {"unembed.hook_out": "hook_unembed"}
+    assert aliases_for(hook_points(root)) == {"unembed.hook_out": "hook_unembed"}
     seen = watch(root, ["hook_unembed"])
     ids = tokens()
     assert max_diff(run(root, graph, ids), eager(toy.model, ids)) == 0.0

@@ -9,6 +9,7 @@ from fxbridge.errors import PassOrderError, PatternNotFound
 from fxbridge.passes import (PassContext, alias_shared_kv, hook_attention, hook_attn_result, hook_final_softcap,
                              hook_moe, hook_unembed, remove_eval_dropout, run_passes)
 from fxbridge.passes.base import graph_pass
+from fxbridge.passes.graph_utils import add_hook_point
 from tiny import CONFIGS
 
 aten = torch.ops.aten
@@ -51,6 +52,25 @@ def test_a_bug_inside_a_pass_propagates_with_its_own_type_and_a_note(error):
         run_passes(_ctx(), [hook_unembed, buggy])
     assert not isinstance(info.value, PatternNotFound)  # KeyError is a LookupError, but not a missing pattern
     assert "raised in fxbridge pass 'buggy' (passes run before it: hook_unembed)" in info.value.__notes__
+
+
+def test_a_hook_point_records_the_running_pass_and_takes_its_shape_from_the_hook_table():
+    ctx = _ctx()
+    run_passes(ctx, [hook_unembed])
+    point = ctx.root.get_submodule("hook_unembed")
+    assert (point.made_by, point.shape) == ("hook_unembed", ("B", "S", "V"))
+    assert [n.meta["fxbridge_pass"] for n in ctx.graph.nodes if n.op == "call_module"] == ["hook_unembed"]
+    assert ctx.current_pass == ""  # only while a pass runs
+
+
+def test_a_hook_name_the_table_lacks_needs_its_shape_and_a_table_name_keeps_the_table_shape():
+    root = torch.nn.Module()
+    with pytest.raises(ValueError, match="'blocks.0.attn.hook_made_up' is not in the hook table .* shape="):
+        add_hook_point(root, "blocks.0.attn.hook_made_up", "toy", "")
+    assert add_hook_point(root, "blocks.0.attn.hook_made_up", "toy", "", shape=("B", "S")).shape == ("B", "S")
+    with pytest.raises(ValueError, match=r"'hook_embed' has shape \('B', 'S', 'D'\) in the hook table"):
+        add_hook_point(root, "hook_embed", "toy", "", shape=("B", "D"))
+    assert add_hook_point(root, "hook_embed", "toy", "").shape == ("B", "S", "D")
 
 
 def test_a_wrong_match_count_is_pattern_not_found():

@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from fxbridge.passes import NoMatch
+from fxbridge.runtime.names import aliases_for
 from toy import (missed, D, TOL, DecoderLayer, capture_toy, captured, eager, hook_nodes, max_diff, module_io, no_match,
-                 op_counts, run, run_pass, tokens, toy_config, toy_dims, toy_lm, toy_spec, watch)
+                 op_counts, run, run_pass, tokens, toy_config, toy_dims, toy_lm, toy_spec, watch, hook_points)
 
 HEADS = {"contiguous": (4, 2, 8), "per_head": (4, 4, 8), "per_group": (4, 2, 8)}  # H, Hkv, dh
 HOOKS = ["blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_v"]
@@ -95,10 +96,9 @@ def test_each_layout_is_split_into_hooked_q_k_v_and_hf_split_is_gone(layout):
     fused = next(n for n in graph.nodes if str(n.target) == "aten.linear.default"
                  and QKV in [p for p, _ in n.meta["nn_module_stack"].values()])
     hf_split = {n for n in graph.nodes if n.op == "call_function" and n in fused.users}
-    aliases = {}
-    assert run_pass("split_fused_qkv", graph, root, _spec(layout), toy_dims(toy.model.config), aliases=aliases) == 3
+    assert run_pass("split_fused_qkv", graph, root, _spec(layout), toy_dims(toy.model.config)) == 3
     assert hook_nodes(graph) == HOOKS
-    assert aliases == {f"blocks.0.attn.{r}.hook_out": f"blocks.0.attn.hook_{r}" for r in "qkv"}
+    assert aliases_for(hook_points(root)) == {f"blocks.0.attn.{r}.hook_out": f"blocks.0.attn.hook_{r}" for r in "qkv"}
     assert not hf_split & set(graph.nodes)  # HF's split ops were erased ...
     assert all(u.meta.get("fxbridge_pass") == "split_fused_qkv" for u in fused.users)  # ... only the layout reads it
     emitted = op_counts([n for n in graph.nodes if n.meta.get("fxbridge_pass") == "split_fused_qkv"])

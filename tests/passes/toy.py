@@ -30,15 +30,12 @@ D, H, G, DH, FF, VOCAB = 32, 4, 2, 8, 48, 61  # d_model, heads, KV heads, head s
 
 
 # ------------------------------------------------------------------------------------------------ the adapter
-def run_pass(name: str, graph: fx.Graph, root: nn.Module, spec: ArchSpec, dims: dict, config=None,
-             aliases: dict | None = None) -> int:
+def run_pass(name: str, graph: fx.Graph, root: nn.Module, spec: ArchSpec, dims: dict, config=None) -> int:
     """Run pass ``name`` (configured as ``spec.passes`` lists it, else unconfigured) through the runner (which checks its match count against ``spec`` and ``dims``, lints the
-    graph, and raises ``PatternNotFound`` otherwise); returns the match count. Aliases it defines go to ``aliases``."""
+    graph, and raises ``PatternNotFound`` otherwise); returns the match count."""
     ctx = PassContext(graph, root, spec, dims, config)
     graph_pass = next((p for p in spec.passes if p.name == name), None) or _as_a_family_configures(name)
     (result,) = run_passes(ctx, [graph_pass], already_run=graph_pass.requires)  # the toy is built with those
-    if aliases is not None:
-        aliases.update(ctx.aliases)
     return result.matches
 
 
