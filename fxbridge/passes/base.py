@@ -188,12 +188,16 @@ def record_values(graph: fx.Graph, root: torch.nn.Module) -> int:
     from ..runtime.values import INNER_VALS
 
     done = 0
+    memo: dict = {}  # the decoder layers repeat: one fake run per distinct (op, input shapes, arguments)
     for node in graph.nodes:
         if node.op not in ("call_function", "call_module"):
             continue
+        if "val" in node.meta and (node.op == "call_function" or INNER_VALS in node.meta
+                                   or node.meta.get("fxbridge_hook")):
+            continue
         module = root.get_submodule(node.target) if node.op == "call_module" else None
         is_core = module is not None and hasattr(module, "fake_values")
-        if "val" in node.meta and not (is_core and INNER_VALS not in node.meta):
+        if "val" in node.meta and not is_core:
             continue
         for arg in node.all_input_nodes:
             if arg.op == "get_attr" and "val" not in arg.meta:
@@ -204,22 +208,40 @@ def record_values(graph: fx.Graph, root: torch.nn.Module) -> int:
         if isinstance(module, HookPoint):
             node.meta["val"] = args[0]
         elif is_core:
-            out, inner = module.fake_values(*args, **kwargs)
+            key = (type(module), tuple(module._modules), _signature((args, kwargs)))
+            if key not in memo:
+                memo[key] = module.fake_values(*args, **kwargs)
+            out, inner = memo[key]
             node.meta.setdefault("val", out)
             node.meta[INNER_VALS] = {f"{node.target}.{name}": val for name, val in inner.items()}
         elif node.op == "call_function":
-            fakes = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-            mode = torch._guards.detect_fake_mode(fakes) if fakes else None
-            if mode is None:
+            key = (node.target, _signature((args, kwargs)))
+            if key not in memo:
+                memo[key] = _run_on_fakes(node, args, kwargs)
+            if memo[key] is None:
                 continue
-            try:
-                with mode:
-                    node.meta["val"] = node.target(*args, **kwargs)
-            except Exception as exc:  # an op fake tensors cannot run: its shape stays unknown (a picture only)
-                log.debug("no fake value for %s: %s", node.name, exc)
-                continue
+            node.meta["val"] = memo[key]
         done += 1
     return done
+
+
+def _signature(tree) -> tuple:
+    """What a fake run depends on: each tensor's shape (symbols by name), dtype and device; other values as such."""
+    return tuple((tuple(str(d) for d in leaf.shape), leaf.dtype, str(leaf.device))
+                 if isinstance(leaf, torch.Tensor) else repr(leaf) for leaf in tree_leaves(tree))
+
+
+def _run_on_fakes(node: fx.Node, args, kwargs):
+    fakes = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+    mode = torch._guards.detect_fake_mode(fakes) if fakes else None
+    if mode is None:
+        return None
+    try:
+        with mode:
+            return node.target(*args, **kwargs)
+    except Exception as exc:  # an op fake tensors cannot run: its shape stays unknown (a picture only)
+        log.debug("no fake value for %s: %s", node.name, exc)
+        return None
 
 
 def _fake_attr(node: fx.Node, root: torch.nn.Module, graph: fx.Graph) -> None:
@@ -230,6 +252,6 @@ def _fake_attr(node: fx.Node, root: torch.nn.Module, graph: fx.Graph) -> None:
     except AttributeError:
         return
     mode = next((torch._guards.detect_fake_mode([n.meta["val"]]) for n in graph.nodes
-                 if isinstance(n.meta.get("val"), torch.Tensor)), None)
+                 if isinstance(n.meta.get("val"), torch.Tensor)), None)  # the first node with a value: the inputs
     if isinstance(tensor, torch.Tensor) and mode is not None:
         node.meta["val"] = mode.from_tensor(tensor, static_shapes=True)
