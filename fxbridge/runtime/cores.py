@@ -27,9 +27,9 @@ class AttentionCore(FastCallModule):
         self.scaling, self.softcap, self.layer = float(scaling), softcap, layer
         self.force_eager = False
         if softcap is not None:  # children in firing order: hook_dict lists a core's points in this order
-            self.hook_attn_scores_pre_cap = HookPoint(shape=("B", "H", "S", "S"))
-        self.hook_attn_scores = HookPoint(shape=("B", "H", "S", "S"))
-        self.hook_pattern = HookPoint(shape=("B", "H", "S", "S"))
+            self.hook_attn_scores_pre_cap = HookPoint()
+        self.hook_attn_scores = HookPoint()
+        self.hook_pattern = HookPoint()
 
     def needs_eager(self) -> bool:
         """True when this layer must materialise scores/pattern (a hook on them, softcap, or forced)."""
@@ -67,8 +67,8 @@ class RMSNormCore(FastCallModule):
 
     def __init__(self):
         super().__init__()
-        self.hook_scale = HookPoint(shape=("B", "S", "1"))
-        self.hook_normalized = HookPoint(shape=("B", "S", "D"))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
 
     def fake_values(self, x, var_eps):
         shape = torch.broadcast_shapes(x.shape, var_eps.shape)
@@ -88,8 +88,8 @@ class LayerNormCore(FastCallModule):
     def __init__(self, normalized_shape, eps: float):
         super().__init__()
         self.normalized_shape, self.eps = tuple(normalized_shape), float(eps)
-        self.hook_scale = HookPoint(shape=("B", "S", "1"))
-        self.hook_normalized = HookPoint(shape=("B", "S", "D"))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
 
     def fake_values(self, x, weight=None, bias=None):
         compute = torch.promote_types(x.dtype, torch.float32)  # as the hooked path computes

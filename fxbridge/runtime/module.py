@@ -180,7 +180,7 @@ class HookedGraphModule(fx.GraphModule):
         self.hook_dict: dict[str, HookPoint] = ordered
         for name, module in ordered.items():
             module.name = name
-            module.shape = shape_of(name) or module.shape  # the contract's shape (names.py) where it has the point
+            module.shape = shape_of(name) or module.shape  # from names.py (cores' inner points too)
         self.aliases = aliases_for(ordered)  # TransformerBridge spellings, from the hook table
 
     def hook_table(self):

@@ -48,12 +48,17 @@ def test_hook_name_builds_and_checks():
         hook_name("hook_resid_pre")  # per-layer: needs the layer
 
 
-def test_get_act_name_reaches_every_per_layer_attn_and_mlp_point():
-    for row in HOOKS:
-        parts = row.template.split(".")
-        if row.per_layer and len(parts) == 4 and parts[2] in ("attn", "mlp"):
-            short = parts[3][len("hook_"):]
-            assert get_act_name(short, 5) == row.template.replace("{i}", "5")
+# TransformerLens's get_act_name: which sub-module each short name lives in (written out, not read from the table)
+ATTN_ACTS = ("q", "k", "v", "rot_q", "rot_k", "attn_scores_pre_cap", "attn_scores", "pattern", "z", "result")
+MLP_ACTS = ("pre", "pre_linear", "post")
+
+
+@pytest.mark.parametrize("short, group", [(a, "attn") for a in ATTN_ACTS] + [(a, "mlp") for a in MLP_ACTS])
+def test_get_act_name_puts_attn_and_mlp_points_in_their_module(short, group):
+    assert get_act_name(short, 5) == f"blocks.5.{group}.hook_{short}"
+
+
+def test_get_act_name_shorthands():
     assert get_act_name("resid_post", 2) == "blocks.2.hook_resid_post"
     assert get_act_name("scale") == "ln_final.hook_scale"
     assert get_act_name("scale", 1, "ln2") == "blocks.1.ln2.hook_scale"

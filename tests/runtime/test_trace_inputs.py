@@ -26,9 +26,9 @@ def test_non_models_are_named(thing, named):
 
 def test_a_hub_id_string_points_to_loading():
     with pytest.raises(bridge.UnsupportedModel) as err:
-        bridge.trace("meta-llama/Llama-3.2-1B")
+        bridge.trace("some-org/some-model")  # only the message is checked: nothing is loaded
     msg = _one_line(err.value)
-    assert "from_pretrained('meta-llama/Llama-3.2-1B')" in msg and "fxbridge inspect" in msg
+    assert "AutoModelForCausalLM" in msg and "'some-org/some-model'" in msg and "fxbridge inspect" in msg
 
 
 def test_an_already_traced_module_is_refused():
