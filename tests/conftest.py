@@ -7,7 +7,7 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).parent))
 
 import fxbridge as bridge  # noqa: E402
-from tiny import CONFIGS, build, eager_reference, missing_config_class  # noqa: E402
+from tiny import CONFIGS, CORE, build, eager_reference, missing_config_class  # noqa: E402
 
 _TRACED = {}
 
@@ -21,13 +21,17 @@ def traced(arch: str):
     return _TRACED[arch]
 
 
-def arch_params(archs=None) -> list:
-    """pytest params over tiny architectures; one whose config class the installed transformers lacks is skipped."""
+def arch_params(archs=None, *, slow_beyond_core: bool = False) -> list:
+    """pytest params over tiny architectures; one whose config class the installed transformers lacks is skipped.
+    ``slow_beyond_core``: families outside tiny.CORE are marked ``slow`` (run with ``pytest -m slow``)."""
     params = []
     for arch in sorted(CONFIGS if archs is None else archs):
         missing = missing_config_class(arch)
         reason = f"the installed transformers {tf.__version__} has no {missing}"
-        params.append(pytest.param(arch, marks=pytest.mark.skipif(missing is not None, reason=reason)))
+        marks = [pytest.mark.skipif(missing is not None, reason=reason)]
+        if slow_beyond_core and arch not in CORE:
+            marks.append(pytest.mark.slow)
+        params.append(pytest.param(arch, marks=marks))
     return params
 
 
@@ -44,9 +48,25 @@ def arch(request):
     return request.param
 
 
-@pytest.fixture
-def trio(arch):
+def _fresh(arch):
     model, ref, gm = traced(arch)
     gm.reset_hooks(including_permanent=True)
     yield model, ref, gm
     gm.reset_hooks(including_permanent=True)
+
+
+@pytest.fixture
+def trio(arch):
+    """Every tiny family: the contract tests (parity, padding, hooks, head ablation) run on all of them."""
+    yield from _fresh(arch)
+
+
+@pytest.fixture(params=arch_params(slow_beyond_core=True))
+def core_arch(request):
+    return request.param
+
+
+@pytest.fixture
+def core_trio(core_arch):
+    """The generic-suite tests beyond the contract run on tiny.CORE; the other families with ``-m slow``."""
+    yield from _fresh(core_arch)

@@ -65,6 +65,11 @@ CONFIGS = {
 }
 
 
+# The families the whole generic suite runs on (export, hygiene, errors, saving...). Every family in CONFIGS,
+# these and those the group modules below add, runs the contract tests (parity, padding, hooks, head ablation).
+CORE = tuple(CONFIGS)
+
+
 def missing_config_class(arch: str) -> str | None:
     """The config class of tiny ``arch`` when the installed transformers lacks it (a newer family), else None."""
     name = CONFIGS[arch].cls
@@ -179,3 +184,25 @@ def left_padded(batch: int, seq: int, pads: list[int]) -> tuple[torch.Tensor, to
         mask[row, :n] = 0
         ids[row, :n] = 0
     return ids, mask
+
+
+# Family groups live in their own modules (tests/tiny_<group>.py), each defining CONFIGS, FEATURE_GUARDS, FAMILY
+# (the golden-hook facts tests/runtime/test_hooks.py reads), and optionally ADJUST and LAYER_SIZES.
+GROUPS = ("tiny_llama_like", "tiny_parallel", "tiny_fused", "tiny_classic")
+FAMILY: dict[str, dict] = {}
+LAYER_SIZES: dict = {}
+
+
+def _merge_groups() -> None:
+    import importlib
+    for group in GROUPS:
+        mod = importlib.import_module(group)
+        for table, extra in ((CONFIGS, "CONFIGS"), (FEATURE_GUARDS, "FEATURE_GUARDS"), (FAMILY, "FAMILY"),
+                             (ADJUST, "ADJUST"), (LAYER_SIZES, "LAYER_SIZES")):
+            entries = getattr(mod, extra, {})
+            clash = set(entries) & set(table)
+            assert not clash, f"{group}.{extra} redefines {sorted(clash)}"
+            table.update(entries)
+
+
+_merge_groups()

@@ -18,7 +18,7 @@ def traced_with_result(arch):
     return _RESULT[arch]
 
 
-@pytest.mark.parametrize("arch", arch_params())
+@pytest.mark.parametrize("arch", arch_params(slow_beyond_core=True))
 def test_hook_result_sums_to_the_output_projection(arch):
     model, ref, gm = traced_with_result(arch)
     layer = 1

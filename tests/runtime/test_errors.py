@@ -7,16 +7,16 @@ import fxbridge as bridge
 from tiny import mid_hook, tokens
 
 
-def test_unknown_hook_name_suggests_close_matches(trio):
-    _, _, gm = trio
+def test_unknown_hook_name_suggests_close_matches(core_trio):
+    _, _, gm = core_trio
     with pytest.raises(KeyError, match="blocks.0.attn.hook_pattern"):
         gm.run_with_hooks(tokens(1, 3), fwd_hooks=[("blocks.0.attn.hook_patern", lambda t, hook: None)])
     with pytest.raises(KeyError, match="hook_resid_post"):
         gm.run_with_cache(tokens(1, 3), names_filter=["blocks.1.hook_resid_pots"])
 
 
-def test_wrongly_shaped_hook_return_names_hook_and_shapes(trio):
-    _, _, gm = trio
+def test_wrongly_shaped_hook_return_names_hook_and_shapes(core_trio):
+    _, _, gm = core_trio
     mid = mid_hook(gm, 0)
     with pytest.raises(bridge.HookShapeError) as info:
         gm.run_with_hooks(tokens(2, 4), fwd_hooks=[(mid, lambda t, hook: t[:, :-1])])
@@ -60,9 +60,9 @@ def test_export_of_an_untraced_module_says_to_trace_it(tmp_path):
     assert not (tmp_path / "x.dot").exists()
 
 
-def test_a_hook_raising_inside_a_core_leaves_the_module_usable(trio):
+def test_a_hook_raising_inside_a_core_leaves_the_module_usable(core_trio):
     """The pattern hook fires inside the attention core (eager path); after it raises, the fused path is back."""
-    model, ref, gm = trio
+    model, ref, gm = core_trio
     ids = tokens(2, 5)
 
     def boom(t, hook):
@@ -79,9 +79,9 @@ def _hf_forward_hooks(model):
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
-def test_verify_passes_on_an_exact_trace(trio):
+def test_verify_passes_on_an_exact_trace(core_trio):
     from fxbridge.verify import verify
-    model, _, gm = trio
+    model, _, gm = core_trio
     diffs = verify(gm)
     assert set(diffs) == {f"blocks.{i}.hook_resid_post" for i in range(gm.dims["n_layers"])} | {"logits"}
     assert max(diffs.values()) < 1e-4

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import tiny
 from tiny import mid_hook, tokens
 
 # Golden per-layer hook lists, written from HOOKS.md (not from the code under test).
@@ -41,7 +42,14 @@ FAMILY = {
 }
 
 
+FAMILY.update(tiny.FAMILY)  # the family groups' facts (tests/tiny_<group>.py)
+
+
 def golden(arch: str, n_layers: int) -> set[str]:
+    """Facts: rotary, gated, pos (learned positions), sandwich, attn_softcap, final_softcap, parallel (no
+    resid_mid), ln2=False (one norm), extra (more per-layer hooks), drop (per-layer hooks the family lacks),
+    nope_layers (layers without rotary: no rot hooks), kv_shared_layers (no k/v hooks), top (more model-level
+    hooks), final_norm=False (no ln_final)."""
     f = FAMILY[arch]
     per_layer = LAYER_HOOKS + (ROTARY if f["rotary"] else []) + (GATED if f["gated"] else [])
     per_layer += (SANDWICH if f.get("sandwich") else []) + (ATTN_SOFTCAP if f.get("attn_softcap") else [])
@@ -50,12 +58,16 @@ def golden(arch: str, n_layers: int) -> set[str]:
     if f.get("ln2") is False:
         per_layer = [h for h in per_layer if not h.startswith("ln2.")]
     per_layer += f.get("extra", [])
-    names = {"hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized", "hook_unembed"}
+    per_layer = [h for h in per_layer if h not in f.get("drop", ())]
+    names = {"hook_embed", "hook_unembed", *f.get("top", ())}
+    if f.get("final_norm", True):
+        names |= {"ln_final.hook_scale", "ln_final.hook_normalized"}
     if f["pos"]:
         names.add("hook_pos_embed")
     if f.get("final_softcap"):
         names.add("hook_logits")
     shared = {f"blocks.{i}.attn.{h}" for i in f.get("kv_shared_layers", ()) for h in ("hook_k", "hook_v")}
+    shared |= {f"blocks.{i}.{h}" for i in f.get("nope_layers", ()) for h in ROTARY}
     return (names | {f"blocks.{i}.{h}" for i in range(n_layers) for h in per_layer}) - shared
 
 
@@ -89,7 +101,7 @@ def test_hook_names_are_golden(trio, arch):
 
 # Layers whose sizes differ from the config's global ones, read from the HF modules (Gemma 4: full layers have
 # their own head size and KV heads, KV-shared layers a double-wide MLP).
-LAYER_SIZES = {
+LAYER_SIZES = {**tiny.LAYER_SIZES,
     "gemma4_text": lambda model, i: dict(d_head=model.model.layers[i].self_attn.head_dim,
                                          n_kv_heads=model.config.per_layer_config[i].num_key_value_heads,
                                          d_mlp=model.model.layers[i].mlp.up_proj.out_features),
@@ -145,8 +157,8 @@ def test_aliases_reach_the_same_point(trio):
 
 
 @pytest.mark.parametrize("name", ["blocks.0.ln1.hook_scale", "blocks.0.attn.hook_pattern", "mid"])
-def test_hook_points_carry_their_names(trio, name):
-    _, _, gm = trio
+def test_hook_points_carry_their_names(core_trio, name):
+    _, _, gm = core_trio
     name = mid_hook(gm, 1) if name == "mid" else name
     seen = []
     gm.run_with_hooks(tokens(1, 3), fwd_hooks=[(name, lambda t, hook: seen.append(hook.name))])

@@ -34,15 +34,15 @@ def test_trace_leaves_the_hf_model_unchanged_and_shares_weights():
         assert torch.allclose(gm(ids), model(ids).logits, atol=1e-5)
 
 
-def test_hooks_are_removed_after_run_with_hooks(trio):
-    _, _, gm = trio
+def test_hooks_are_removed_after_run_with_hooks(core_trio):
+    _, _, gm = core_trio
     gm.run_with_hooks(tokens(1, 3), fwd_hooks=[(lambda n: True, lambda t, hook: None)],
                       bwd_hooks=[("hook_embed", lambda g, hook: None)])
     assert not any(hp.has_hooks for hp in gm.hook_dict.values())
 
 
-def test_hooks_are_removed_after_an_exception_inside_hooks(trio):
-    _, _, gm = trio
+def test_hooks_are_removed_after_an_exception_inside_hooks(core_trio):
+    _, _, gm = core_trio
 
     def boom(t, hook):
         raise RuntimeError("hook failed")
@@ -58,8 +58,8 @@ def test_hooks_are_removed_after_an_exception_inside_hooks(trio):
     gm(tokens(1, 3))  # still usable
 
 
-def test_permanent_hooks_survive_reset(trio):
-    _, _, gm = trio
+def test_permanent_hooks_survive_reset(core_trio):
+    _, _, gm = core_trio
     seen = []
     gm.add_hook("hook_embed", lambda t, hook: seen.append(1), is_permanent=True)
     gm.reset_hooks()

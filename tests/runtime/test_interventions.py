@@ -38,8 +38,8 @@ def test_zero_head_via_hook_z_equals_manual_hf_edit(trio):
     assert (got - clean).abs().max().item() > 1e-4  # the ablation did something
 
 
-def test_replacing_pattern_changes_output_and_is_used(trio):
-    _, ref, gm = trio
+def test_replacing_pattern_changes_output_and_is_used(core_trio):
+    _, ref, gm = core_trio
     ids = tokens(2, 6)
     n_rep = gm.dims["n_heads"] // gm.dims["n_kv_heads"]
 
@@ -61,8 +61,8 @@ def test_replacing_pattern_changes_output_and_is_used(trio):
     assert (cache["z", 0] - v).abs().max().item() < TOL
 
 
-def test_editing_scores_takes_effect(trio):
-    _, _, gm = trio
+def test_editing_scores_takes_effect(core_trio):
+    _, _, gm = core_trio
     ids = tokens(1, 4)  # within Mistral's sliding window of 4, so token 0 is visible everywhere
 
     def only_first_token(scores, hook):
@@ -74,8 +74,8 @@ def test_editing_scores_takes_effect(trio):
     assert torch.allclose(pattern[..., 0], torch.ones_like(pattern[..., 0]))
 
 
-def test_in_place_edit_of_norm_scale_propagates(trio):
-    _, _, gm = trio
+def test_in_place_edit_of_norm_scale_propagates(core_trio):
+    _, _, gm = core_trio
     ids = tokens(1, 4)
     ln = "ln2" if gm.spec.ln2 is not None else "ln1"  # Falcon 7B style: one norm for attention and MLP
     with torch.no_grad():
@@ -89,8 +89,8 @@ def test_in_place_edit_of_norm_scale_propagates(trio):
     torch.testing.assert_close(edited["normalized", 0, ln], clean["normalized", 0, ln] / 2)
 
 
-def test_backward_hooks_receive_the_gradient(trio):
-    _, _, gm = trio
+def test_backward_hooks_receive_the_gradient(core_trio):
+    _, _, gm = core_trio
     ids = tokens(2, 5)
     saved, grads = {}, {}
     name = mid_hook(gm, 1)

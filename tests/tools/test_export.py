@@ -16,8 +16,8 @@ def _concrete(shape, batch, seq):
     return tuple(batch if d == "B" else seq if d == "S" else d for d in shape)
 
 
-def test_exports_round_trip_with_every_hook(trio, tmp_path):
-    _, _, gm = trio
+def test_exports_round_trip_with_every_hook(core_trio, tmp_path):
+    _, _, gm = core_trio
     hooks = set(gm.hook_dict)
     paths = {ext: bridge.export(gm, tmp_path / f"g.{ext}") for ext in ("dot", "json", "graphml")}
 
@@ -41,9 +41,9 @@ def test_exports_round_trip_with_every_hook(trio, tmp_path):
     assert {d["hook"] for _, d in g.nodes(data=True) if d["hook"]} == hooks
 
 
-def test_full_view_is_the_fx_graph(trio):
+def test_full_view_is_the_fx_graph(core_trio):
     """One node per FX node (plus one per hook point a core fires), one data edge per use."""
-    _, _, gm = trio
+    _, _, gm = core_trio
     g = bridge.to_networkx(gm)
     fx_nodes = list(gm.graph.nodes)
     data_edges = [(u, v) for u, v, r in g.edges(data="relation") if r == "data"]
@@ -55,9 +55,9 @@ def test_full_view_is_the_fx_graph(trio):
             assert g.nodes[node.name]["kind"] == "hook"
 
 
-def test_exported_shapes_and_dtypes_match_the_activations(trio):
+def test_exported_shapes_and_dtypes_match_the_activations(core_trio):
     """Shapes in the export (symbolic B, S) equal what each hook sees at run time."""
-    _, _, gm = trio
+    _, _, gm = core_trio
     batch, seq = 3, 5
     _, cache = gm.run_with_cache(tokens(batch, seq))
     g = bridge.to_networkx(gm)
@@ -73,8 +73,8 @@ def test_exported_shapes_and_dtypes_match_the_activations(trio):
         assert table[name].dtype == str(act.dtype).replace("torch.", ""), name
 
 
-def test_layer_and_collapsed_views(trio):
-    _, _, gm = trio
+def test_layer_and_collapsed_views(core_trio):
+    _, _, gm = core_trio
     layer = gm.dims["n_layers"] - 1
     in_layer = {n for n in gm.hook_dict if n.startswith(f"blocks.{layer}.")}
     one = bridge.to_networkx(gm, layer=layer)
