@@ -1,0 +1,2 @@
+"""(family group: specs to be added)"""
+SPECS = ()
