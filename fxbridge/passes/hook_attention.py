@@ -4,11 +4,18 @@
 ->  q' = hook_rot_q(q) ; k' = hook_rot_k(k)                 (rotary models; seen as [B,S,H,dh])
     z = blocks.i.attn(q', k', v, mask)                     (fused SDPA, or eager with hook_attn_scores/pattern)
     z = hook_z(z)
+
+Rotary hooks go on the layers whose queries are rotated: a spec with ``rotary=True`` can have NoPE layers
+(SmolLM3's ``no_rope_layers``), which get no ``hook_rot_q``/``hook_rot_k``. A layer rotates when the query
+reaching the call is computed, inside the attention module, from a tensor besides the module's input (the
+rotary cos/sin, or positions); read from the graph, not from a config list.
 """
+import torch
+
 from ..runtime.cores import AttentionCore
 from ..runtime.names import hook_name
 from ..tracer.attention_op import AttentionCall
-from ..tracer.graph_facts import layer_index
+from ..tracer.graph_facts import ModuleRegion, layer_index
 from .base import NoMatch, PassContext, graph_pass
 from .graph_utils import SWAP_HEADS_POS, hook_after, hook_viewed, install
 
@@ -28,6 +35,22 @@ def _check_softcap(softcap, config, where: str) -> None:
         raise NoMatch(where, f"the softcap config.attn_logit_softcapping={expected}", f"softcap {softcap}")
 
 
+def _is_rotated(q, region: ModuleRegion) -> bool:
+    """Whether ``q`` reads, within ``region``, more than one tensor from outside it (input + cos/sin)."""
+    outside, seen, todo = set(), set(), [q]
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node not in region:
+            if node.op != "get_attr" and isinstance(node.meta.get("val"), torch.Tensor):
+                outside.add(node)
+            continue
+        todo.extend(node.all_input_nodes)
+    return len(outside) > 1
+
+
 @graph_pass(expects=lambda spec, dims: dims["n_layers"])
 def hook_attention(ctx: PassContext) -> int:
     """Turn fxbridge.attention nodes into AttentionCore modules with rot_q/rot_k/z hooks."""
@@ -38,6 +61,7 @@ def hook_attention(ctx: PassContext) -> int:
         layer = _layer_of(call, spec.layers)
         attn_path = spec.layer(layer, spec.attn)
         _check_softcap(call.softcap, ctx.config, attn_path)
+        rotated = spec.rotary and _is_rotated(q, ModuleRegion.of(graph, attn_path))
         name = f"blocks.{layer}.attn"
         core_module = AttentionCore(call.scaling, call.softcap, layer)
         for point in core_module.children():
@@ -49,7 +73,7 @@ def hook_attention(ctx: PassContext) -> int:
         core.meta["fxbridge_pass"] = ctx.current_pass
         node.replace_all_uses_with(core)
         graph.erase_node(node)
-        if spec.rotary:
+        if rotated:
             for arg, hook in ((q, "attn.hook_rot_q"), (k, "attn.hook_rot_k")):
                 hook_viewed(ctx, arg, hook_name(hook, layer), to_hook=SWAP_HEADS_POS[0], from_hook=SWAP_HEADS_POS[1],
                             scope=attn_path, users=[core], hf_module=attn_path)
