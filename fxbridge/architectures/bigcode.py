@@ -19,7 +19,7 @@ GPT_BIGCODE = replace(
     model_types=("gpt_bigcode",),
     family="GPTBigCode",
     configure=_configure,
-    notes="fused c_attn split by layout (MQA contiguous, MHA per head) into hook_q/k/v",
+    notes="StarCoder, SantaCoder: `multi_query=True` (MQA) splits `c_attn` contiguous `[D, dh, dh]`, `False` (MHA) per head",
 )
 
 SPECS = (GPT_BIGCODE,)

@@ -66,7 +66,9 @@ FALCON = ArchSpec(
     norm="layernorm",
     configure=_configure,
     dims_of=lambda config: {"n_kv_heads": _n_kv_heads(config)},
-    notes="fused query_key_value split by layout; inline attention captured; ALiBi inside hook_attn_scores",
+    notes=("all five layouts: 7B (MQA, parallel, RoPE), old MHA (per-head QKV), RW (ALiBi, sequential, biases), "
+           "`new_decoder_architecture` with one or several KV heads (per-group `[q×R, k, v]×Hkv`, exact where "
+           "TransformerBridge is wrong); inline attention captured; ALiBi inside `hook_attn_scores`"),
     passes=_passes(parallel=False, sdpa=True),  # chosen per config by _configure
 )
 

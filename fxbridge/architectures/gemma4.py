@@ -53,7 +53,8 @@ GEMMA4_TEXT = replace(
     GEMMA3_TEXT,
     model_types=("gemma4_text",),
     family="Gemma 4 (text)",
-    notes="sandwich norms; q/k/v norms; KV sharing; k=v attention; per-layer embeddings; MoE; layer_scalar",
+    notes=("q/k/v norms, KV sharing across layers, `attention_k_eq_v`, per-layer embeddings (`ple.*`), MoE (`moe.*`), "
+           "`layer_scalar`, per-layer head sizes; real pre-softmax scores whose edits take effect"),
     requires=("Gemma4TextConfig",),  # transformers >= 5.5
     dims_of=_dims,
     passes=(

@@ -21,7 +21,7 @@ GPT2 = ArchSpec(
     mlp_out="c_proj",
     norm="layernorm",
     rotary=False,
-    notes="fused c_attn split into hook_q/k/v",
+    notes="Conv1D fused `c_attn` split into `hook_q/k/v`; `hook_pos_embed`",
     passes=(hook_embeddings, hook_attention, split_fused_qkv, hook_mlp, hook_norms, hook_residual, hook_unembed),
 )
 

@@ -12,14 +12,14 @@ from .spec import ArchSpec
 _RELU2 = dict(mlp_gate=None)  # non-gated MLP: up_proj -> act -> down_proj (hook_pre, hook_post)
 
 LLAMA = ArchSpec(model_types=("llama", "exaone", "internlm3"), family="Llama",
-                 notes="also exaone and internlm3, which transformers builds as LlamaForCausalLM")
+                 notes="GQA, gated SiLU MLP; exaone and internlm3 are LlamaForCausalLM under their own model_type")
 MISTRAL = ArchSpec(model_types=("mistral",), family="Mistral", notes="sliding-window attention (in the mask)")
-QWEN2 = ArchSpec(model_types=("qwen2",), family="Qwen2", notes="q/k/v biases (inside hook_q/k/v)")
-QWEN3 = ArchSpec(model_types=("qwen3",), family="Qwen3", notes="q/k RMSNorm between hook_q/k and hook_rot_q/k")
+QWEN2 = ArchSpec(model_types=("qwen2",), family="Qwen2", notes="q/k/v biases (inside `hook_q/k/v`)")
+QWEN3 = ArchSpec(model_types=("qwen3",), family="Qwen3", notes="q/k RMSNorm between `hook_q/k` and `hook_rot_q/k`")
 MINISTRAL = ArchSpec(model_types=("ministral", "ministral3"), family="Ministral",
                      notes="sliding / full layers (in the mask); Ministral 3: YaRN rotary")
 HELIUM = ArchSpec(model_types=("helium",), family="Helium")
-SEED_OSS = ArchSpec(model_types=("seed_oss",), family="Seed-OSS", notes="q/k/v biases (inside hook_q/k/v)")
+SEED_OSS = ArchSpec(model_types=("seed_oss",), family="Seed-OSS", notes="q/k/v biases (inside `hook_q/k/v`)")
 ERNIE4_5 = ArchSpec(model_types=("ernie4_5",), family="ERNIE 4.5")
 SMOLLM3 = ArchSpec(model_types=("smollm3",), family="SmolLM3", notes="NoPE layers (no_rope_layers): no rot hooks there")
 HUNYUAN = ArchSpec(model_types=("hunyuan_v1_dense",), family="HunYuan (dense)",
