@@ -20,7 +20,8 @@ _GATE_UP = dict(mlp_gate="gate_up_proj", mlp_in="gate_up_proj")
 PHI3 = ArchSpec(
     model_types=("phi3",), family="Phi-3", q=None, k=None, v=None, qkv="qkv_proj", qkv_layout="contiguous",
     **_GATE_UP, notes="fused qkv_proj [q | k | v]; fused gate_up_proj [gate | up]",
-    passes=(remove_eval_dropout(per_layer=2), hook_embeddings, hook_attention, split_fused_qkv, hook_mlp, hook_norms, hook_residual, hook_unembed),
+    passes=(remove_eval_dropout(per_layer=2), hook_embeddings, hook_attention, split_fused_qkv, hook_mlp, hook_norms,
+            hook_residual, hook_unembed),
 )
 GLM = ArchSpec(model_types=("glm",), family="GLM", **_GATE_UP,
                notes="fused gate_up_proj; partial interleaved rotary; q/k/v biases")

@@ -6,8 +6,8 @@
   MLP, optional per-head q/k LayerNorms (``qk_layernorm``: between ``hook_q``/``hook_k`` and ``hook_rot_q``/
   ``hook_rot_k``) and optional parallel residual (``use_parallel_residual``: one norm, no ``ln2`` hooks and no
   ``hook_resid_mid``; resid_post = resid_pre + attn_out + mlp_out).
-- Persimmon: fused ``query_key_value`` viewed [B,S,H,3,dh] ("per_head" layout), q/k LayerNorm over each head vector (after
-  ``hook_q``/``hook_k``), partial rotary, ReLU^2 MLP, final norm ``model.final_layernorm``.
+- Persimmon: fused ``query_key_value`` viewed [B,S,H,3,dh] ("per_head" layout), q/k LayerNorm over each head
+  vector (after ``hook_q``/``hook_k``), partial rotary, ReLU^2 MLP, final norm ``model.final_layernorm``.
 All three call dropout (an identity in eval) between a branch and its residual add; ``remove_eval_dropout``
 removes those calls, so ``hook_attn_out`` / ``hook_mlp_out`` feed the adds directly.
 """
