@@ -8,11 +8,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers as tf
 
 import fxbridge as bridge
 from conftest import traced
 from fxbridge.errors import PatternNotFound
-from tiny import build, tokens
+from tiny import CONFIGS, build, build_from_config, eager_reference, left_padded, tokens
 
 TOL = 1e-5
 GATE_UP = ["phi3", "glm", "glm4"]
@@ -245,3 +246,46 @@ def test_non_gated_mlp_activation(arch, act):
         _, cache = gm.run_with_cache(ids)
     _close(cache["post", 1], act(cache["pre", 1]))
     _close(cache["post", 1], seen[out][0])
+
+
+# ------------------------------------------------------------------------------------- other configs, meta device
+VARIANTS = {  # each family's other settings: the spec must follow the config, not the tiny one
+    "phi3_full_rotary_mha": ("phi3", dict(num_key_value_heads=4,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "glm_no_bias_mqa": ("glm", dict(attention_bias=False, num_key_value_heads=1)),
+    "glm4_full_rotary_tied": ("glm4", dict(tie_word_embeddings=True,
+                                           rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "starcoder2_no_bias_untied": ("starcoder2", dict(use_bias=False, tie_word_embeddings=False,
+                                                     sliding_window=None)),
+    "stablelm_parallel_qk_norm": ("stablelm", dict(use_parallel_residual=True, use_qkv_bias=False)),
+    "persimmon_no_qk_norm": ("persimmon", dict(qk_layernorm=False)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_other_configs_of_each_family_match_hf(variant):
+    arch, changes = VARIANTS[variant]
+    config = CONFIGS[arch]()
+    for key, value in changes.items():
+        setattr(config, key, value)
+    model = build_from_config(config)
+    ref = eager_reference(model)
+    gm = bridge.trace(model)
+    ids, mask = left_padded(3, 8, pads=[0, 2, 5])
+    with torch.no_grad():
+        _close(gm(ids), ref(ids).logits)
+        got, want = gm(ids, attention_mask=mask), ref(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert (got - want)[keep].abs().max().item() < TOL
+    _, _, tiny_gm = traced(arch if arch != "stablelm" else "stablelm_parallel")  # both parallel: no resid_mid, ln2
+    assert set(gm.hook_dict) == set(tiny_gm.hook_dict)
+
+
+@pytest.mark.parametrize("arch", ["phi3", "glm4", "persimmon"])
+def test_meta_device_trace_has_the_real_device_hooks(arch):
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(CONFIGS[arch]())
+    gm = bridge.trace(model.eval())
+    _, _, real = traced(arch)
+    assert list(gm.hook_dict) == list(real.hook_dict)
+    assert str(gm.hook_table()) == str(real.hook_table())
