@@ -1,6 +1,40 @@
-"""Tiny configs for one family group (merged into tiny.CONFIGS; see tiny.GROUPS)."""
-from tiny import COMMON, VOCAB, TinyConfig  # noqa: F401
+"""Tiny configs for the post-norm / multiplier group (architectures/postnorm.py; merged into tiny.CONFIGS)."""
+from tiny import COMMON, GEMMA_SANDWICH, VOCAB, TinyConfig  # noqa: F401
 
-CONFIGS: dict[str, TinyConfig] = {}
-FEATURE_GUARDS: dict = {}
-FAMILY: dict[str, dict] = {}  # golden-hook facts, as tests/runtime/test_hooks.py FAMILY
+SLIDING = dict(sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+POST_NORM = ["ln1.hook_scale", "ln1.hook_normalized"]  # post-norm-only blocks: no pre-norms (ln2=False drops ln2)
+
+CONFIGS: dict[str, TinyConfig] = {
+    "olmo2": TinyConfig("Olmo2Config", **COMMON),
+    "olmo3": TinyConfig("Olmo3Config", **COMMON, **SLIDING),
+    "exaone4": TinyConfig("Exaone4Config", **COMMON, **SLIDING),
+    "vaultgemma": TinyConfig("VaultGemmaConfig", **GEMMA_SANDWICH, attn_logit_softcapping=5.0,
+                             final_logit_softcapping=3.0),
+}
+
+
+def _post_norm_only(m) -> bool:
+    layer = m.model.layers[0]
+    return not hasattr(layer, "input_layernorm") and hasattr(layer, "post_feedforward_layernorm")
+
+
+FEATURE_GUARDS: dict = {
+    "olmo2": lambda m: _post_norm_only(m) and m.model.layers[0].self_attn.q_norm.weight.numel() == 4 * 16
+    and m.config.num_key_value_heads < m.config.num_attention_heads,
+    "olmo3": lambda m: _post_norm_only(m) and m.model.layers[1].self_attn.sliding_window is None
+    and m.model.layers[0].self_attn.sliding_window == 4,
+    "exaone4": lambda m: _post_norm_only(m) and m.model.layers[0].self_attn.q_norm.weight.numel() == 16
+    and m.model.layers[0].self_attn.is_sliding and not m.model.layers[1].self_attn.is_sliding
+    and m.config.sliding_window == 4,
+    "vaultgemma": lambda m: not hasattr(m.model.layers[0], "post_attention_layernorm")
+    and hasattr(m.model.layers[0], "pre_feedforward_layernorm") and m.config.attn_logit_softcapping == 5.0
+    and m.config.final_logit_softcapping == 3.0 and m.config.query_pre_attn_scalar != m.config.head_dim
+    and {"sliding_attention", "full_attention"} <= set(m.config.layer_types),
+}
+_POST = dict(rotary=True, gated=True, pos=False, sandwich=True, ln2=False, drop=POST_NORM)
+FAMILY: dict[str, dict] = {
+    "olmo2": _POST,
+    "olmo3": _POST,
+    "exaone4": dict(_POST, nope_layers=(1,)),  # the full layer has no rotary (sliding window configured)
+    "vaultgemma": dict(rotary=True, gated=True, pos=False, attn_softcap=True, final_softcap=True),
+}

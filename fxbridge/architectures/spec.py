@@ -30,7 +30,7 @@ class ArchSpec:
     final_norm: str = "model.norm"
     unembed: str = "lm_head"
     # per layer (relative to f"{layers}.{i}")
-    ln1: str = "input_layernorm"
+    ln1: str | None = "input_layernorm"  # None: no pre-attention norm (OLMo 2 post-norm blocks)
     ln2: str | None = "post_attention_layernorm"
     ln1_post: str | None = None  # sandwich norms (Gemma 2/3/4): output is hook_attn_out
     ln2_post: str | None = None  # ... and hook_mlp_out
@@ -48,6 +48,7 @@ class ArchSpec:
     # layout facts
     norm: str = "rms"  # "rms" | "layernorm"
     rotary: bool = True
+    nope_layers: tuple[int, ...] = ()  # rotary models' layers without rotary (no hook_rot_q/k), e.g. via configure
     parallel: bool = False  # attention and MLP both read resid_pre (no hook_resid_mid)
     final_softcap_config: str | None = None  # config attribute holding the final-logit softcap
     # facts that config flags choose (Falcon, GPTBigCode): config -> {field: value} applied by for_config
