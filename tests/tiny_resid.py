@@ -10,6 +10,12 @@ CONFIGS: dict[str, TinyConfig] = {
     "exaone4": TinyConfig("Exaone4Config", **COMMON, **SLIDING),
     "vaultgemma": TinyConfig("VaultGemmaConfig", **GEMMA_SANDWICH, attn_logit_softcapping=5.0,
                              final_logit_softcapping=3.0),
+    # every Granite constant away from 1 (and the attention scale away from 1/sqrt(dh)), biases on
+    "granite": TinyConfig("GraniteConfig", **COMMON, embedding_multiplier=3.0, residual_multiplier=0.5,
+                          attention_multiplier=0.07, logits_scaling=4.0, attention_bias=True, mlp_bias=True),
+    # the defaults (all 1.0: HF still multiplies / divides by them), MHA, tied embeddings
+    "granite_unit": TinyConfig("GraniteConfig", **dict(COMMON, num_key_value_heads=4, tie_word_embeddings=True)),
+    "bitnet": TinyConfig("BitNetConfig", **COMMON),
 }
 
 
@@ -30,6 +36,14 @@ FEATURE_GUARDS: dict = {
     and hasattr(m.model.layers[0], "pre_feedforward_layernorm") and m.config.attn_logit_softcapping == 5.0
     and m.config.final_logit_softcapping == 3.0 and m.config.query_pre_attn_scalar != m.config.head_dim
     and {"sliding_attention", "full_attention"} <= set(m.config.layer_types),
+    "granite": lambda m: (m.config.embedding_multiplier, m.config.residual_multiplier, m.config.attention_multiplier,
+                          m.config.logits_scaling) == (3.0, 0.5, 0.07, 4.0)
+    and m.model.layers[0].self_attn.scaling == 0.07 and m.model.layers[0].mlp.down_proj.bias is not None,
+    "granite_unit": lambda m: m.config.residual_multiplier == 1.0 and m.config.logits_scaling == 1.0
+    and m.config.num_key_value_heads == m.config.num_attention_heads and m.lm_head.weight is m.model.embed_tokens.weight,
+    "bitnet": lambda m: hasattr(m.model.layers[0].self_attn, "attn_sub_norm")
+    and m.model.layers[0].mlp.ffn_sub_norm.weight.numel() == m.config.intermediate_size != m.config.hidden_size
+    and m.config.num_key_value_heads < m.config.num_attention_heads,
 }
 _POST = dict(rotary=True, gated=True, pos=False, sandwich=True, ln2=False, drop=POST_NORM)
 FAMILY: dict[str, dict] = {
@@ -37,4 +51,10 @@ FAMILY: dict[str, dict] = {
     "olmo3": _POST,
     "exaone4": dict(_POST, nope_layers=(1,)),  # the full layer has no rotary (sliding window configured)
     "vaultgemma": dict(rotary=True, gated=True, pos=False, attn_softcap=True, final_softcap=True),
+    "granite": dict(rotary=True, gated=True, pos=False, top=["hook_logits"]),
+    # hook_z feeds the attention sub-norm, not o_proj: the head-zeroing test zeroes that module's input columns
+    "bitnet": dict(rotary=True, gated=True, pos=False, extra=["attn.ln_sub.hook_scale", "attn.ln_sub.hook_normalized",
+                                                            "mlp.ln_sub.hook_scale", "mlp.ln_sub.hook_normalized"],
+                   z_feeds="self_attn.attn_sub_norm"),
+    "granite_unit": dict(rotary=True, gated=True, pos=False, top=["hook_logits"]),
 }
