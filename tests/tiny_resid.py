@@ -6,7 +6,9 @@ POST_NORM = ["ln1.hook_scale", "ln1.hook_normalized"]  # post-norm-only blocks: 
 
 CONFIGS: dict[str, TinyConfig] = {
     "olmo2": TinyConfig("Olmo2Config", **COMMON),
-    "olmo3": TinyConfig("Olmo3Config", **COMMON, **SLIDING),
+    "olmo3": TinyConfig("Olmo3Config", **COMMON, **SLIDING, rope_parameters={  # a rotary base per layer type
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000.0}}),
     "exaone4": TinyConfig("Exaone4Config", **COMMON, **SLIDING),
     "vaultgemma": TinyConfig("VaultGemmaConfig", **GEMMA_SANDWICH, attn_logit_softcapping=5.0,
                              final_logit_softcapping=3.0),
@@ -28,7 +30,8 @@ FEATURE_GUARDS: dict = {
     "olmo2": lambda m: _post_norm_only(m) and m.model.layers[0].self_attn.q_norm.weight.numel() == 4 * 16
     and m.config.num_key_value_heads < m.config.num_attention_heads,
     "olmo3": lambda m: _post_norm_only(m) and m.model.layers[1].self_attn.sliding_window is None
-    and m.model.layers[0].self_attn.sliding_window == 4,
+    and m.model.layers[0].self_attn.sliding_window == 4 and m.config.rope_parameters["sliding_attention"]["rope_theta"]
+    != m.config.rope_parameters["full_attention"]["rope_theta"],
     "exaone4": lambda m: _post_norm_only(m) and m.model.layers[0].self_attn.q_norm.weight.numel() == 16
     and m.model.layers[0].self_attn.is_sliding and not m.model.layers[1].self_attn.is_sliding
     and m.config.sliding_window == 4,
