@@ -43,7 +43,8 @@ FEATURE_GUARDS: dict = {
                           m.config.logits_scaling) == (3.0, 0.5, 0.07, 4.0)
     and m.model.layers[0].self_attn.scaling == 0.07 and m.model.layers[0].mlp.down_proj.bias is not None,
     "granite_unit": lambda m: m.config.residual_multiplier == 1.0 and m.config.logits_scaling == 1.0
-    and m.config.num_key_value_heads == m.config.num_attention_heads and m.lm_head.weight is m.model.embed_tokens.weight,
+    and m.config.num_key_value_heads == m.config.num_attention_heads
+    and m.lm_head.weight is m.model.embed_tokens.weight,
     "bitnet": lambda m: hasattr(m.model.layers[0].self_attn, "attn_sub_norm")
     and m.model.layers[0].mlp.ffn_sub_norm.weight.numel() == m.config.intermediate_size != m.config.hidden_size
     and m.config.num_key_value_heads < m.config.num_attention_heads,

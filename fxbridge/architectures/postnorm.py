@@ -1,4 +1,5 @@
-"""Post-norm-only blocks (OLMo 2/3, EXAONE 4), VaultGemma's Gemma 2 without post-norms.
+"""Families whose residual branches differ from Llama's: post-norm-only blocks (OLMo 2/3, EXAONE 4), Granite's
+multipliers, BitNet's sub-norms, VaultGemma (Gemma 2 without post-norms).
 
 OLMo 2 / OLMo 3 / EXAONE 4: no norm before attention or MLP; ``post_attention_layernorm`` and
 ``post_feedforward_layernorm`` norm the branch outputs before the residual add, so they are ``ln1_post`` /
@@ -9,7 +10,7 @@ EXAONE 4: per head). OLMo 3 and EXAONE 4 alternate sliding-window and full layer
 layers have no rotary when a sliding window is configured (NoPE: no rot hooks there).
 
 Granite: Llama with four constants. ``embedding_multiplier`` scales the embeddings in the model's forward, outside
-the embedding module: ``hook_embed`` is the module output (unscaled, as TransformerBridge's ``embed.hook_out``),
+the embedding module: ``hook_embed`` is the module output (unscaled: where TransformerBridge's ``embed.hook_out`` sits),
 ``blocks.0.hook_resid_pre`` the scaled stream. ``attention_multiplier`` is the attention scale (carried by the
 attention call, so in ``hook_attn_scores``). ``residual_multiplier`` scales each branch before its residual add:
 ``hook_attn_out`` / ``hook_mlp_out`` are after it (what is added), ``hook_z`` / ``hook_post`` before.
@@ -62,6 +63,7 @@ BITNET = ArchSpec(model_types=("bitnet",), family="BitNet",
                           hook_norms(sub_norms=(("attn.ln_sub", "self_attn.attn_sub_norm"),
                                                 ("mlp.ln_sub", "mlp.ffn_sub_norm"))),
                           hook_residual, hook_unembed),
-                  notes="sub-norms before o_proj (attn.ln_sub) and down_proj (mlp.ln_sub); hook_z / hook_post before them")
+                  notes="sub-norms before o_proj (attn.ln_sub) and down_proj (mlp.ln_sub); hook_z, hook_post "
+                        "before them")
 
 SPECS = (OLMO2, OLMO3, EXAONE4, VAULTGEMMA, GRANITE, BITNET)

@@ -9,13 +9,14 @@ import torch
 from torch import fx
 from types import SimpleNamespace
 
+import fxbridge as bridge
 from conftest import traced
 from fxbridge.architectures import get_spec
 from fxbridge.errors import PatternNotFound
 from fxbridge.passes import PassContext, run_passes
 from fxbridge.passes.hook_logit_scaling import hook_logit_scaling
 from fxbridge.runtime.hook_point import HookPoint
-from tiny import CONFIGS, tokens
+from tiny import CONFIGS, build_from_config, eager_reference, tokens
 
 TOL = 1e-5
 aten = torch.ops.aten
@@ -148,6 +149,20 @@ def test_qk_norm_sits_between_hook_q_and_rot_q(arch):
         assert _diff(scores[visible], _scores(q, k, attn.scaling)[visible]) < TOL
 
 
+def test_exaone4_without_sliding_window_rotates_every_layer():
+    """HF applies rotary on every layer when no sliding window is configured: rot hooks on all, logits equal."""
+    config = CONFIGS["exaone4"]()
+    config.sliding_window = None
+    config.layer_types = ["full_attention"] * config.num_hidden_layers
+    model = build_from_config(config)
+    gm = bridge.trace(model)
+    assert gm.spec.nope_layers == ()
+    assert all(f"blocks.{i}.attn.hook_rot_q" in gm.hook_dict for i in range(config.num_hidden_layers))
+    ids = tokens(2, 7)
+    with torch.no_grad():
+        assert _diff(gm(ids), eager_reference(model)(ids).logits) < TOL
+
+
 # ---------------------------------------------------------------------------------------------------- VaultGemma
 def test_vaultgemma_has_gemma2_pre_norms_only_and_its_softcaps():
     model, ref, gm = traced("vaultgemma")
@@ -187,8 +202,8 @@ def test_granite_multipliers_sit_where_hf_applies_them(arch):
     cfg = model.config
     ids = tokens(2, 7)
     n = gm.dims["n_layers"]
-    paths = ["model.embed_tokens", "lm_head"] + [f"model.layers.{i}{p}" for i in range(n)
-                                                 for p in ("", ".self_attn.o_proj", ".mlp", ".post_attention_layernorm")]
+    per_layer = ("", ".self_attn.o_proj", ".mlp", ".post_attention_layernorm")
+    paths = ["model.embed_tokens", "lm_head"] + [f"model.layers.{i}{p}" for i in range(n) for p in per_layer]
     seen, expected, out, cache = _run_recording(ref, gm, ids, paths)
     assert _diff(cache["hook_embed"], seen["model.embed_tokens"][1]) < TOL
     _close(cache["resid_pre", 0], cache["hook_embed"] * cfg.embedding_multiplier)
