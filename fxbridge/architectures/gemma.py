@@ -25,10 +25,8 @@ _SANDWICH = dict(
 GEMMA = ArchSpec(model_types=("gemma",), family="Gemma",
                  notes="`hook_embed` already × √D; RMSNorm (1 + w) after `hook_normalized`; GeGLU")
 GEMMA2 = ArchSpec(model_types=("gemma2",), family="Gemma 2", **_SANDWICH,
-                  notes="sandwich norms (`ln1_post`, `ln2_post`); `query_pre_attn_scalar`; alternating sliding/global "
-                        "layers; attention softcap (`hook_attn_scores_pre_cap`) and final softcap (`hook_logits`)")
+                  notes="sandwich norms (`ln1_post`, `ln2_post`); `query_pre_attn_scalar`; alternating sliding/global layers; attention softcap (`hook_attn_scores_pre_cap`) and final softcap (`hook_logits`)")
 GEMMA3_TEXT = ArchSpec(model_types=("gemma3_text",), family="Gemma 3 (text)", **_SANDWICH,
-                       notes="as Gemma 2, plus q/k norms and a rotary base per layer type; HF never applies its "
-                             "attention softcap, nor does fxbridge")
+                       notes="as Gemma 2, plus q/k norms and a rotary base per layer type; HF never applies its attention softcap, nor does fxbridge")
 
 SPECS = (GEMMA, GEMMA2, GEMMA3_TEXT)

@@ -30,7 +30,7 @@ class ArchSpec:
     final_norm: str = "model.norm"
     unembed: str = "lm_head"
     # per layer (relative to f"{layers}.{i}")
-    ln1: str = "input_layernorm"
+    ln1: str | None = "input_layernorm"  # None: no pre-attention norm (OLMo 2 post-norm blocks)
     ln2: str | None = "post_attention_layernorm"
     ln1_post: str | None = None  # sandwich norms (Gemma 2/3/4): output is hook_attn_out
     ln2_post: str | None = None  # ... and hook_mlp_out

@@ -1,14 +1,14 @@
 """Replace each captured attention call by an ``AttentionCore`` module and hook its inputs and output.
 
     z = fxbridge.attention(q, k, v, mask, scale, cap)
-->  q' = hook_rot_q(q) ; k' = hook_rot_k(k)                 (rotary models; seen as [B,S,H,dh])
+->  q' = hook_rot_q(q) ; k' = hook_rot_k(k)                 (rotary layers; seen as [B,S,H,dh])
     z = blocks.i.attn(q', k', v, mask)                     (fused SDPA, or eager with hook_attn_scores/pattern)
     z = hook_z(z)
 
 Rotary hooks go on the layers whose queries are rotated: a spec with ``rotary=True`` can have NoPE layers
 (SmolLM3's ``no_rope_layers``), which get no ``hook_rot_q``/``hook_rot_k``. A layer rotates when the query
-reaching the call is computed, inside the attention module, from a tensor besides the module's input (the
-rotary cos/sin, or positions); read from the graph, not from a config list.
+reaching the call is computed, inside the attention module, from a per-position tensor that is not the query
+projection's output (the rotary cos/sin); read from the graph, not from a config list.
 """
 import torch
 
@@ -18,6 +18,8 @@ from ..tracer.attention_op import AttentionCall
 from ..tracer.graph_facts import ModuleRegion, layer_index
 from .base import NoMatch, PassContext, graph_pass
 from .graph_utils import SWAP_HEADS_POS, hook_after, hook_viewed, install
+
+aten = torch.ops.aten
 
 
 def _layer_of(call: AttentionCall, layers: str) -> int:
@@ -35,20 +37,37 @@ def _check_softcap(softcap, config, where: str) -> None:
         raise NoMatch(where, f"the softcap config.attn_logit_softcapping={expected}", f"softcap {softcap}")
 
 
+_PROJECTIONS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default, aten.bmm.default}
+
+
 def _is_rotated(q, region: ModuleRegion) -> bool:
-    """Whether ``q`` reads, within ``region``, more than one tensor from outside it (input + cos/sin)."""
-    outside, seen, todo = set(), set(), [q]
+    """Whether the query reaching the attention call is rotated: computed, inside the attention module, from a
+    per-position tensor (a value with a symbolic dimension: cos/sin, positions) that does not come from the query
+    projection. Norm weights have fixed shapes; the projection's own path is not per-position."""
+    def per_position(node) -> bool:
+        val = node.meta.get("val")
+        return isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape)
+
+    from_proj: dict = {}
+
+    def computed_from_projection(node) -> bool:
+        if node not in from_proj:
+            from_proj[node] = False
+            from_proj[node] = node in region and (node.target in _PROJECTIONS or any(
+                computed_from_projection(a) for a in node.all_input_nodes))
+        return from_proj[node]
+
+    seen, todo = set(), [q]
     while todo:
         node = todo.pop()
-        if node in seen:
+        if node in seen or node.op == "get_attr":
             continue
         seen.add(node)
-        if node not in region:
-            if node.op != "get_attr" and isinstance(node.meta.get("val"), torch.Tensor):
-                outside.add(node)
-            continue
-        todo.extend(node.all_input_nodes)
-    return len(outside) > 1
+        if not computed_from_projection(node) and per_position(node):
+            return True
+        if node in region and node.target not in _PROJECTIONS:
+            todo.extend(node.all_input_nodes)
+    return False
 
 
 @graph_pass(expects=lambda spec, dims: dims["n_layers"])

@@ -12,6 +12,9 @@ values; the up half must be a factor of the product whose other factor is comput
 ``[up | gate]`` layout is an error, not a silent swap).
 
     gu = gate_up(x) ; g, u = chunk(gu, 2)      ->   g, u = chunk(gu, 2) ; g' = hook_pre(g) ; u' = hook_pre_linear(u)
+
+With ``post_input`` (BitNet's ``ffn_sub_norm``) ``hook_post`` is the input of that module instead of the down
+projection's: the activation, before the norm that sits between it and the down projection.
 """
 import torch
 
@@ -24,7 +27,7 @@ from .split_fused_qkv import _match_region, _Probe
 aten = torch.ops.aten
 
 
-def _expected(spec, dims) -> int:
+def _expected(spec, dims, post_input=None) -> int:
     return dims["n_layers"] * (3 if spec.mlp_gate else 2)
 
 
@@ -67,8 +70,12 @@ def _factor_of_gate(mul, up, gate, stop) -> bool:
 
 
 @graph_pass(expects=_expected)
-def hook_mlp(ctx: PassContext) -> int:
-    """Hook the MLP's pre-activation(s) and post-activation."""
+def hook_mlp(ctx: PassContext, *, post_input: str | None = None) -> int:
+    """Hook the MLP's pre-activation(s) and post-activation.
+
+    ``post_input``: the module (relative to the MLP) whose input is ``hook_post``, where that is not the down
+    projection (BitNet: ``ffn_sub_norm``, a norm between the activation and the down projection).
+    """
     spec, graph = ctx.spec, ctx.graph
     found = 0
     for layer in range(ctx.dims["n_layers"]):
@@ -86,7 +93,7 @@ def hook_mlp(ctx: PassContext) -> int:
         for out, hook, path in todo:
             hook_after(ctx, out, hook_name(hook, layer), scope=mlp_path, hf_module=path)
             found += 1
-        down_path = spec.layer(layer, f"{spec.mlp}.{spec.mlp_out}")
+        down_path = spec.layer(layer, f"{spec.mlp}.{post_input or spec.mlp_out}")
         down = ModuleRegion.of(graph, down_path)
         post = single(down.inputs, "input", down_path)
         hook_after(ctx, post, hook_name("mlp.hook_post", layer), scope=mlp_path,

@@ -24,14 +24,16 @@ def _is_inv_sqrt(node) -> bool:
     return node.target == aten.rsqrt.default or (node.target == aten.pow.Tensor_Scalar and node.args[1] == -0.5)
 
 
-def norm_sites(spec, dims) -> list[tuple[str, str]]:
-    """(hook prefix, HF module path) of every norm the spec names."""
+def norm_sites(spec, dims, sub_norms=()) -> list[tuple[str, str]]:
+    """(hook prefix, HF module path) of every norm the spec names, and of the per-layer ``sub_norms``
+    ((prefix relative to ``blocks.{i}``, HF path relative to the layer) pairs, a ``hook_norms`` parameter)."""
     sites = []
     for layer in range(dims["n_layers"]):
         for short in ("ln1", "ln2", "ln1_post", "ln2_post"):
             rel = getattr(spec, short)
             if rel is not None:
                 sites.append((f"blocks.{layer}.{short}", spec.layer(layer, rel)))
+        sites += [(f"blocks.{layer}.{short}", spec.layer(layer, rel)) for short, rel in sub_norms]
     sites.append(("ln_final", spec.final_norm))
     return sites
 
@@ -80,12 +82,15 @@ def _rewrite_layer_norm(ctx, prefix, nodes) -> bool:
     return False
 
 
-@graph_pass(expects=lambda spec, dims: len(norm_sites(spec, dims)))
-def hook_norms(ctx: PassContext) -> int:
-    """Replace each norm's normalisation by a core with hook_scale / hook_normalized."""
+@graph_pass(expects=lambda spec, dims, sub_norms=(): len(norm_sites(spec, dims, sub_norms)))
+def hook_norms(ctx: PassContext, *, sub_norms: tuple[tuple[str, str], ...] = ()) -> int:
+    """Replace each norm's normalisation by a core with hook_scale / hook_normalized.
+
+    ``sub_norms``: more per-layer norms, ``(hook prefix under blocks.{i}, HF path under the layer)`` (BitNet:
+    ``("attn.ln_sub", "self_attn.attn_sub_norm")``)."""
     rewrite = {"rms": _rewrite_rms, "layernorm": _rewrite_layer_norm}[ctx.spec.norm]
     found = 0
-    for prefix, path in norm_sites(ctx.spec, ctx.dims):
+    for prefix, path in norm_sites(ctx.spec, ctx.dims, sub_norms):
         nodes = ModuleRegion.of(ctx.graph, path).nodes
         if prefix == "ln_final":  # a final norm HF also calls earlier (nanochat normalises the embeddings with it):
             nodes = nodes[::-1]   # ln_final is its last call, the one the unembedding reads

@@ -3,9 +3,13 @@
     x = <previous layer or embeddings>            x' = hook_resid_pre(x)          (only the layer's reads)
     a = attn(ln1(x)) ; m = x + a                   a' = hook_attn_out(a) ; m' = hook_resid_mid(x' + a')
     f = mlp(ln2(m)) ; y = m + f              ->    f' = hook_mlp_out(f) ; y' = hook_resid_post(m' + f')
-Sandwich-norm models hook the post-norm outputs as attn_out / mlp_out; parallel blocks have no resid_mid.
+Sandwich- and post-norm models hook the post-norm outputs as attn_out / mlp_out; parallel blocks have no resid_mid.
+A branch scaled by a constant before the add (Granite's ``residual + h * residual_multiplier``) is hooked after the
+scaling: ``hook_attn_out`` / ``hook_mlp_out`` are what is added to the residual. Blocks without a pre-attention norm
+(OLMo 2's post-norm-only layers, ``spec.ln1 = None``) find resid_pre as the residual operand of attn_out's add.
 """
 import torch
+from torch import fx
 
 from ..runtime.names import hook_name
 from ..tracer.graph_facts import ModuleRegion, module_stack
@@ -14,6 +18,7 @@ from .graph_utils import hook_after, output_of, single
 
 aten = torch.ops.aten
 _ADDS = {aten.add.Tensor}
+_SCALINGS = {aten.mul.Tensor, aten.div.Tensor}  # by a Python scalar: a branch multiplier
 
 
 def _hooks_per_layer(spec) -> int:
@@ -26,6 +31,36 @@ def _parent_scope(node, path: str) -> str:
     return paths[idx - 1] if idx > 0 else ""
 
 
+def _scales(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` is ``node * c``, ``c * node`` or ``node / c`` for a Python scalar ``c``."""
+    if user.target not in _SCALINGS or len(user.args) != 2:
+        return False
+    a, b = user.args
+    return (a is node and isinstance(b, (int, float))) or (
+        user.target is aten.mul.Tensor and b is node and isinstance(a, (int, float)))
+
+
+def _scaled(node: fx.Node) -> fx.Node:
+    """``node`` followed through elementwise multiplications / divisions by Python scalars (its only users)."""
+    while len(node.users) == 1 and _scales(user := next(iter(node.users)), node):
+        node = user
+    return node
+
+
+def _layer_input(ctx, i: int, inside: ModuleRegion, attn_out: fx.Node) -> fx.Node:
+    """The residual stream entering layer i: the input of ln1 from outside the layer, or where there is no ln1,
+    the operand of attn_out's residual add that comes from outside the layer."""
+    spec, layer = ctx.spec, ctx.spec.layer(i)
+    if spec.ln1 is not None:
+        ln1 = spec.layer(i, spec.ln1)
+        return single([n for n in ModuleRegion.of(ctx.graph, ln1).inputs if n not in inside],
+                      f"input from outside {layer} (the residual stream)", ln1)
+    adds = [u for u in attn_out.users if u.target in _ADDS]
+    return single([a for u in adds for a in u.args if isinstance(a, fx.Node) and a is not attn_out
+                   and a not in inside], "residual operand from outside the layer of the attention output's add",
+                  layer)
+
+
 @graph_pass(expects=lambda spec, dims: _hooks_per_layer(spec) * dims["n_layers"])
 def hook_residual(ctx: PassContext) -> int:
     """Hook resid_pre, attn_out, resid_mid, mlp_out and resid_post of each layer."""
@@ -34,11 +69,9 @@ def hook_residual(ctx: PassContext) -> int:
     for i in range(ctx.dims["n_layers"]):
         layer = spec.layer(i)
         inside = ModuleRegion.of(graph, layer)
-        ln1 = spec.layer(i, spec.ln1)
-        x_in = single([n for n in ModuleRegion.of(graph, ln1).inputs if n not in inside],
-                      f"input from outside {layer} (the residual stream)", ln1)
-        attn_out = output_of(graph, spec.layer(i, spec.ln1_post or spec.attn), "the attention block's output")
-        mlp_out = output_of(graph, spec.layer(i, spec.ln2_post or spec.mlp), "the MLP block's output")
+        attn_out = _scaled(output_of(graph, spec.layer(i, spec.ln1_post or spec.attn), "the attention block's output"))
+        mlp_out = _scaled(output_of(graph, spec.layer(i, spec.ln2_post or spec.mlp), "the MLP block's output"))
+        x_in = _layer_input(ctx, i, inside, attn_out)
         out = output_of(graph, layer, "the decoder layer's output")
         readers = [u for u in x_in.users if u in inside]
         hook_after(ctx, x_in, hook_name("hook_resid_pre", i), scope=layer, users=readers, meta_from=readers[0],

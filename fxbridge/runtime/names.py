@@ -66,6 +66,8 @@ HOOKS: tuple[HookDef, ...] = (
     HookDef(_B + "attn.hook_pattern", _SCORES, doc="softmax output"),
     HookDef(_B + "attn.hook_z", ("B", "S", "H", "dh"), _a(_B + "attn.o.hook_in"), "pattern @ V per head"),
     HookDef(_B + "attn.hook_result", ("B", "S", "H", "D"), doc="per-head z_h @ W_O[h] (use_attn_result)"),
+    HookDef(_B + "attn.ln_sub.hook_scale", _SCALE, doc="attention sub-norm between hook_z and W_O (BitNet)"),
+    HookDef(_B + "attn.ln_sub.hook_normalized", _NORMED, doc="attention sub-norm between hook_z and W_O (BitNet)"),
     HookDef(_B + "hook_attn_out", _RES, _a(_B + "attn.hook_out"), "attention output added to the residual"),
     HookDef(_B + "ln1_post.hook_scale", _SCALE, doc="post-attention norm (sandwich norms)"),
     HookDef(_B + "ln1_post.hook_normalized", _NORMED, doc="post-attention norm (sandwich norms)"),
@@ -78,6 +80,9 @@ HOOKS: tuple[HookDef, ...] = (
             "input projection (gated MLPs: the gate projection) output"),
     HookDef(_B + "mlp.hook_pre_linear", ("B", "S", "F"), _a(_B + "mlp.in.hook_out"), "gated MLPs: up projection"),
     HookDef(_B + "mlp.hook_post", ("B", "S", "F"), _a(_B + "mlp.out.hook_in"), "input of the down projection"),
+    HookDef(_B + "mlp.ln_sub.hook_scale", _SCALE, doc="MLP sub-norm between hook_post and W_out (BitNet)"),
+    HookDef(_B + "mlp.ln_sub.hook_normalized", ("B", "S", "F"),
+            doc="MLP sub-norm between hook_post and W_out (BitNet)"),
     HookDef(_B + "ln2_post.hook_scale", _SCALE, doc="post-MLP norm (sandwich norms)"),
     HookDef(_B + "ln2_post.hook_normalized", _NORMED, doc="post-MLP norm (sandwich norms)"),
     HookDef(_B + "hook_mlp_out", _RES, _a(_B + "mlp.hook_out"), "MLP output added to the residual"),
@@ -95,7 +100,8 @@ HOOKS: tuple[HookDef, ...] = (
     HookDef("ln_final.hook_scale", _SCALE, doc="final norm"),
     HookDef("ln_final.hook_normalized", _NORMED, doc="final norm"),
     HookDef("hook_unembed", ("B", "S", "V"), _a("unembed.hook_out"), "lm_head output, before a final softcap"),
-    HookDef("hook_logits", ("B", "S", "V"), doc="cap * tanh(hook_unembed / cap): what the module returns"),
+    HookDef("hook_logits", ("B", "S", "V"),
+            doc="cap * tanh(hook_unembed / cap), Granite hook_unembed / logits_scaling: what the module returns"),
 )
 
 _BY_TEMPLATE = {h.template: h for h in HOOKS}

@@ -87,6 +87,8 @@ def expected_shape(name: str, dims: dict, batch: int, seq: int) -> tuple:
                       "hook_router_logits": (B, S, E), "hook_expert_weights": (B, S, E),
                       "hook_expert_indices": (B, S, K), "hook_routing_weights": (B, S, K),
                       "hook_expert_out": (B, S, K, D)})
+    if name.endswith("mlp.ln_sub.hook_normalized"):  # BitNet's MLP sub-norm: over the MLP width
+        return (B, S, None)
     if leaf in table:
         return table[leaf]
     if leaf in ("hook_pre", "hook_pre_linear", "hook_post"):

@@ -1,18 +1,21 @@
 """Interventions with known answers: edits through hooks equal the same edit made by hand on HF."""
 import torch
 
+import tiny
 from tiny import mid_hook, tokens
 
 TOL = 1e-5
 
 
-def _o_proj(ref, gm, layer):
+def _z_reader(ref, gm, layer, arch):
+    """The HF module hook_z feeds: the output projection, or the family's ``z_feeds`` fact (a module path relative
+    to the layer; BitNet: the attention sub-norm between the heads and o_proj)."""
     spec = gm.spec
-    name = spec.o_proj
-    return ref.get_submodule(spec.layer(layer, f"{spec.attn}.{name}"))
+    rel = tiny.FAMILY.get(arch, {}).get("z_feeds", f"{spec.attn}.{spec.o_proj}")
+    return ref.get_submodule(spec.layer(layer, rel))
 
 
-def test_zero_head_via_hook_z_equals_manual_hf_edit(trio):
+def test_zero_head_via_hook_z_equals_manual_hf_edit(trio, arch):
     _, ref, gm = trio
     layer, head, dh = 1, 2, gm.dims["d_head"]
     ids = tokens(2, 7)
@@ -25,7 +28,7 @@ def test_zero_head_via_hook_z_equals_manual_hf_edit(trio):
         x[..., head * dh:(head + 1) * dh] = 0.0
         return (x,)
 
-    handle = _o_proj(ref, gm, layer).register_forward_pre_hook(zero_input_columns)
+    handle = _z_reader(ref, gm, layer, arch).register_forward_pre_hook(zero_input_columns)
     try:
         with torch.no_grad():
             expected = ref(ids).logits
