@@ -28,7 +28,8 @@ def _inline_attention(module_name: str, cls: str) -> bool:
     """Whether the installed transformers writes this attention inline (an ``_attn`` method) instead of calling
     the AttentionInterface."""
     import importlib
-    return hasattr(getattr(importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}"), cls), "_attn")
+    modeling = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
+    return hasattr(getattr(modeling, cls), "_attn")
 
 
 def _gptj_like(module_name: str, cls: str, fused: bool):

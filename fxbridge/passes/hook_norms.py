@@ -91,8 +91,11 @@ def _is_centred(node) -> bool:
     if node.op != "call_function" or node.target not in _SUBS or len(node.args) != 2:
         return False
     x, mean = node.args
-    return (getattr(mean, "target", None) in _MEANS and mean.args[0] is x and list(mean.args[1]) in ([-1], [x.meta[
-        "val"].dim() - 1]) and (mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)))
+    if not isinstance(mean, torch.fx.Node) or mean.target not in _MEANS or mean.args[0] is not x:
+        return False
+    last = x.meta["val"].dim() - 1
+    keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+    return keepdim and [d % (last + 1) for d in mean.args[1]] == [last]
 
 
 def _rewrite_centred_layer_norm(ctx, prefix, nodes) -> bool:
