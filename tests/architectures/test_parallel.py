@@ -238,3 +238,15 @@ def test_cohere_logit_scale_hooks(arch):
     assert (bumped - (out + scale)).abs().max().item() < TOL
     zeroed = gm.run_with_hooks(ids, fwd_hooks=[("hook_logits", lambda t, hook: torch.zeros_like(t))])
     assert torch.equal(zeroed, torch.zeros_like(out))
+
+
+def test_a_logit_scale_unlike_the_config_is_refused(monkeypatch):
+    import fxbridge as bridge
+    from fxbridge.errors import PatternNotFound
+    from tiny import build
+    # a full capture: the depth-flat one rebuilds the model from its config (see the report on stitch.shallow_model)
+    monkeypatch.setenv("FXBRIDGE_STITCH", "0")
+    model = build("cohere")
+    model.config.logit_scale = 0.5  # the module still multiplies by 0.25
+    with pytest.raises(PatternNotFound, match="logit_scale"):
+        bridge.trace(model)
