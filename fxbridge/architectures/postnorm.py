@@ -14,7 +14,7 @@ the embedding module: ``hook_embed`` is the module output (unscaled: where Trans
 ``blocks.0.hook_resid_pre`` the scaled stream. ``attention_multiplier`` is the attention scale (carried by the
 attention call, so in ``hook_attn_scores``). ``residual_multiplier`` scales each branch before its residual add:
 ``hook_attn_out`` / ``hook_mlp_out`` are after it (what is added), ``hook_z`` / ``hook_post`` before.
-``logits_scaling`` divides the logits: ``hook_unembed`` is the lm_head output, ``hook_logits`` (``hook_logit_scaling``)
+``logits_scaling`` divides the logits: ``hook_unembed`` is the lm_head output, ``hook_logits`` (``hook_logit_scale``)
 the divided logits the model returns.
 
 BitNet (b1.58): Llama with ReLU^2 and a norm in front of each output projection: ``attn_sub_norm`` on the
@@ -29,7 +29,7 @@ a quantization config (``from_pretrained``) and are not covered here.
 VaultGemma: Gemma 2's embedding scale, ``(1 + w)`` norms, ``query_pre_attn_scalar`` and softcaps, with only
 ``input_layernorm`` (ln1) and ``pre_feedforward_layernorm`` (ln2).
 """
-from ..passes import (hook_attention, hook_embeddings, hook_logit_scaling, hook_mlp, hook_norms, hook_qkv,
+from ..passes import (hook_attention, hook_embeddings, hook_logit_scale, hook_mlp, hook_norms, hook_qkv,
                       hook_residual, hook_unembed)
 from .gemma import _SANDWICH
 from .spec import DEFAULT_PASSES, ArchSpec
@@ -48,7 +48,7 @@ VAULTGEMMA = ArchSpec(model_types=("vaultgemma",), family="VaultGemma",
                       notes="Gemma 2 without the post-norms (`ln1` = `input_layernorm`, `ln2` = `pre_feedforward_layernorm`); softcaps as Gemma 2")
 
 GRANITE = ArchSpec(model_types=("granite",), family="Granite",
-                   passes=(*DEFAULT_PASSES, hook_logit_scaling(config_attr="logits_scaling")),
+                   passes=(*DEFAULT_PASSES, hook_logit_scale(config_attr="logits_scaling", divide=True)),
                    notes="`embedding_multiplier` after `hook_embed` (in `blocks.0.hook_resid_pre`); `attention_multiplier` is the attention scale; `residual_multiplier` inside `hook_attn_out` / `hook_mlp_out` (what is added); `hook_logits` = `hook_unembed / logits_scaling`")
 
 BITNET = ArchSpec(model_types=("bitnet",), family="BitNet",

@@ -40,7 +40,8 @@ class ArchSpec:
     k: str | None = "k_proj"
     v: str | None = "v_proj"
     qkv: str | None = None  # fused projection, split by `qkv_layout`
-    qkv_layout: str = "contiguous"  # [q | k | v]; "per_head" [q_h,k_h,v_h] x H; "per_group" [q..q,k,v] x Hkv
+    qkv_layout: str = "contiguous"  # [q | k | v]; "per_head" [q_h,k_h,v_h] x H; "per_group" [q..q,k,v] x Hkv;
+    # "blocks:M:ORDER" M blocks of H/M heads per role, roles in ORDER (CodeGen "blocks:4:qvk"); see qkv_layouts.py
     mlp: str = "mlp"
     mlp_gate: str | None = "gate_proj"  # gated MLP: hook_pre = gate output, hook_pre_linear = mlp_in output
     mlp_in: str = "up_proj"

@@ -4,6 +4,9 @@ RMSNorm (HF writes ``x * rsqrt(mean(x^2) + eps)``; Gemma's ``(1 + w)`` comes aft
     r = rsqrt(v) ; y = mul(x, r)          ->   y = blocks.i.ln1(x, v)         (RMSNormCore)
 LayerNorm:
     y = layer_norm(x, shape, w, b, eps)   ->   y = blocks.i.ln1(x, w, b)      (LayerNormCore)
+LayerNorm written by hand (Cohere: c = x - mean(x) ; v = mean(c^2) + eps ; c * rsqrt(v), then the weight):
+    r = rsqrt(v) ; y = mul(c, r)          ->   y = blocks.i.ln1(c, v)         (RMSNormCore of the centred x:
+                                               hook_scale = sqrt(var + eps), hook_normalized = (x - mean) / scale)
 The cores run HF's fused expression unless a norm hook is attached, then split it into scale and normalized.
 """
 import torch
@@ -16,7 +19,10 @@ from .graph_utils import install
 aten = torch.ops.aten
 _LAYER_NORMS = {aten.layer_norm.default}
 _MULS = {aten.mul.Tensor}
-_FORMS = {"rms": "x * rsqrt(mean(x^2) + eps) (RMSNorm)", "layernorm": "a layer_norm call"}
+_FORMS = {"rms": "x * rsqrt(mean(x^2) + eps) (RMSNorm)",
+          "layernorm": "a layer_norm call, or (x - mean(x)) * rsqrt(mean((x - mean(x))^2) + eps)"}
+_SUBS = {aten.sub.Tensor}
+_MEANS = {aten.mean.dim}
 
 
 def _is_inv_sqrt(node) -> bool:
@@ -82,13 +88,50 @@ def _rewrite_layer_norm(ctx, prefix, nodes) -> bool:
     return False
 
 
+def _is_centred(node) -> bool:
+    """``x - mean(x, -1, keepdim=True)``."""
+    if node.op != "call_function" or node.target not in _SUBS or len(node.args) != 2:
+        return False
+    x, mean = node.args
+    if not isinstance(mean, torch.fx.Node) or mean.target not in _MEANS or mean.args[0] is not x:
+        return False
+    last = x.meta["val"].dim() - 1
+    keepdim = mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False)
+    return keepdim and [d % (last + 1) for d in mean.args[1]] == [last]
+
+
+def _rewrite_centred_layer_norm(ctx, prefix, nodes) -> bool:
+    """LayerNorm written out: ``(x - mean) * rsqrt(mean((x - mean)^2) + eps)`` becomes an RMSNormCore of the
+    centred x (the same expression; the core's hooks are LayerNorm's scale and normalized)."""
+    for r in (n for n in nodes if _is_inv_sqrt(n)):
+        users = list(r.users)
+        if len(users) != 1 or users[0].target not in _MULS:
+            continue
+        mul = users[0]
+        centred = mul.args[0] if mul.args[1] is r else mul.args[1]
+        if not (isinstance(centred, torch.fx.Node) and _is_centred(centred)):
+            continue
+        # the variance is computed from the same centred value (HF may write x - mean twice)
+        if not any(_reads(r.args[0], c) for c in centred.args[1].users if c.target in _SUBS and c.args == centred.args):
+            continue
+        install(ctx.root, prefix, RMSNormCore())
+        _replace(ctx, mul, prefix, (centred, r.args[0]), mul.meta)
+        ctx.graph.erase_node(r)
+        return True
+    return False
+
+
+def _rewrite_any_layer_norm(ctx, prefix, nodes) -> bool:
+    return _rewrite_layer_norm(ctx, prefix, nodes) or _rewrite_centred_layer_norm(ctx, prefix, nodes)
+
+
 @graph_pass(expects=lambda spec, dims, sub_norms=(): len(norm_sites(spec, dims, sub_norms)))
 def hook_norms(ctx: PassContext, *, sub_norms: tuple[tuple[str, str], ...] = ()) -> int:
     """Replace each norm's normalisation by a core with hook_scale / hook_normalized.
 
     ``sub_norms``: more per-layer norms, ``(hook prefix under blocks.{i}, HF path under the layer)`` (BitNet:
     ``("attn.ln_sub", "self_attn.attn_sub_norm")``)."""
-    rewrite = {"rms": _rewrite_rms, "layernorm": _rewrite_layer_norm}[ctx.spec.norm]
+    rewrite = {"rms": _rewrite_rms, "layernorm": _rewrite_any_layer_norm}[ctx.spec.norm]
     found = 0
     for prefix, path in norm_sites(ctx.spec, ctx.dims, sub_norms):
         nodes = ModuleRegion.of(ctx.graph, path).nodes

@@ -7,6 +7,9 @@ With G = Hkv groups and R = H / Hkv query heads per group (einops notation):
                   (GPTBigCode MHA, Falcon old MHA / RW)
     "per_group":  b s (G (R+2) d)   -> b s G (R+2) d;    q = rearrange([..., :R, :], "b s g r d -> b s (g r) d"),
                   k, v = [..., R, :], [..., R+1, :]       (Falcon new_decoder_architecture, 40B / 180B)
+    "blocks:M:ORDER": b s (M 3 r d) -> b s M 3 r d, r = H / M, the roles in ORDER (a permutation of "qkv") along
+                  the 3; role = rearrange([..., ORDER.index(role), :, :], "b s m r d -> b s (m r) d") (MHA only;
+                  CodeGen "blocks:4:qvk": HF's mp_num = 4 model-parallel blocks, each [q | v | k])
 Each layout is one unflatten of the last dim plus per-role slice/select ops, all views except q's flatten in
 "per_group". ``passes/split_fused_qkv.py`` inserts exactly these ops into the graph; ``split_eager`` runs them.
 """
@@ -15,7 +18,22 @@ from __future__ import annotations
 import torch
 
 aten = torch.ops.aten
-LAYOUTS = ("contiguous", "per_head", "per_group")
+LAYOUTS = ("contiguous", "per_head", "per_group", "blocks:M:ORDER")
+
+
+def _blocks(layout: str, n_heads: int, n_kv: int, d_head: int) -> tuple[list, dict[str, list]]:
+    """``"blocks:M:ORDER"``: M blocks, each holding H/M heads of every role, the roles in ORDER."""
+    try:
+        _, m, order = layout.split(":")
+        m = int(m)
+    except ValueError:
+        raise ValueError(f"qkv_layout {layout!r}: expected 'blocks:<number of blocks>:<order of q, k, v>'") from None
+    if sorted(order) != ["k", "q", "v"] or m < 1 or n_heads % m or n_kv != n_heads:
+        raise ValueError(f"qkv_layout {layout!r} needs ORDER a permutation of 'qkv', H divisible by M and as many KV "
+                         f"heads as query heads, got H={n_heads}, Hkv={n_kv}")
+    grid = [m, 3, n_heads // m, d_head]
+    parts = {role: [(aten.select.int, (3, order.index(role))), (aten.flatten.using_ints, (2, 3))] for role in "qkv"}
+    return grid, parts
 
 
 def layout_steps(layout: str, n_heads: int, n_kv: int, d_head: int) -> tuple[tuple, dict[str, list]]:
@@ -38,6 +56,8 @@ def layout_steps(layout: str, n_heads: int, n_kv: int, d_head: int) -> tuple[tup
         grid = [n_kv, rep + 2, d_head]
         parts = {"q": [(aten.slice.Tensor, (3, 0, rep)), (aten.flatten.using_ints, (2, 3))],
                  "k": [(aten.select.int, (3, rep))], "v": [(aten.select.int, (3, rep + 1))]}
+    elif layout.startswith("blocks:"):
+        grid, parts = _blocks(layout, n_heads, n_kv, d_head)
     else:
         raise ValueError(f"unknown qkv_layout {layout!r}; known: {', '.join(LAYOUTS)}")
     return (-1, grid), parts

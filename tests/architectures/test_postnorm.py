@@ -14,7 +14,7 @@ from conftest import traced
 from fxbridge.architectures import get_spec
 from fxbridge.errors import PatternNotFound
 from fxbridge.passes import PassContext, run_passes
-from fxbridge.passes.hook_logit_scaling import hook_logit_scaling
+from fxbridge.passes.hook_logit_scale import hook_logit_scale
 from fxbridge.runtime.hook_point import HookPoint
 from tiny import CONFIGS, build_from_config, eager_reference, tokens
 
@@ -251,7 +251,7 @@ def test_logit_scaling_pass_hooks_the_divided_logits(inner, c):
     root, graph = _toy_logits(inner, c)
     spec = get_spec(CONFIGS["granite"]())
     ctx = PassContext(graph, root, spec, {"n_layers": 1}, SimpleNamespace(logits_scaling=4.0))
-    assert hook_logit_scaling(config_attr="logits_scaling").run(ctx) == 1
+    assert hook_logit_scale(config_attr="logits_scaling", divide=True).run(ctx) == 1
     gm = fx.GraphModule(root, graph)
     assert graph.output_node().args[0].target == "hook_logits"
     x = torch.randn(2, 3, 5)
@@ -262,8 +262,8 @@ def test_logit_scaling_pass_checks_the_constant_against_the_config():
     root, graph = _toy_logits(aten.div.Tensor, 2.0)
     spec = get_spec(CONFIGS["granite"]())
     ctx = PassContext(graph, root, spec, {"n_layers": 1}, SimpleNamespace(logits_scaling=4.0))
-    with pytest.raises(PatternNotFound, match=r"one division by config.logits_scaling=4.0, found \[2.0\]"):
-        run_passes(ctx, [hook_logit_scaling(config_attr="logits_scaling")], already_run=["hook_unembed"])
+    with pytest.raises(PatternNotFound, match=r"one division by config.logits_scaling=4.0, found division by \[2.0\]"):
+        run_passes(ctx, [hook_logit_scale(config_attr="logits_scaling", divide=True)], already_run=["hook_unembed"])
 
 
 # -------------------------------------------------------------------------------------------------------- BitNet

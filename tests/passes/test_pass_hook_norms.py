@@ -2,10 +2,11 @@
 import functools
 
 import torch
+from torch import nn
 
 from fxbridge.runtime.cores import LayerNormCore, RMSNormCore
-from toy import (missed, GPT2_SPEC, LLAMA_SPEC, TOL, RMSNorm, capture_toy, captured, delta, eager, hook_points, max_diff,
-                 module_calls, module_io, no_match, op_counts, run, run_pass, tokens, toy_dims, toy_lm, watch)
+from toy import (missed, D, GPT2_SPEC, LLAMA_SPEC, TOL, RMSNorm, capture_toy, captured, delta, eager, hook_points,
+                 max_diff, module_calls, module_io, no_match, op_counts, run, run_pass, tokens, toy_dims, toy_lm, watch)
 
 SITES = ["blocks.0.ln1", "blocks.0.ln2", "blocks.1.ln1", "blocks.1.ln2", "ln_final"]
 PATHS = ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
@@ -99,3 +100,41 @@ def test_a_norm_whose_rsqrt_is_not_of_the_variance_of_x_matches_nothing():
     err = no_match("hook_norms", graph, root, LLAMA_SPEC, toy_dims(toy.model.config))
     assert missed(err, 3, 0)
     assert module_calls(graph) == [] and op_counts(graph) == before
+
+
+class HandLayerNorm(nn.Module):
+    """Cohere's LayerNorm as HF writes it: mean, variance of x - mean, (x - mean) * rsqrt(var + eps), weight."""
+
+    def __init__(self, d: int = D, eps: float = 1e-5, centred_var: bool = True):
+        super().__init__()
+        self.weight, self.eps, self.centred_var = nn.Parameter(torch.ones(d)), eps, centred_var
+
+    def forward(self, x):
+        mean = x.mean(-1, keepdim=True)
+        var = ((x - mean) if self.centred_var else x).pow(2).mean(-1, keepdim=True)
+        return self.weight * ((x - mean) * torch.rsqrt(var + self.eps))
+
+
+def test_a_hand_written_layer_norm_becomes_a_core_with_layer_norm_hooks():
+    toy = _one_layer(HandLayerNorm)
+    root, graph = toy.fresh()
+    assert run_pass("hook_norms", graph, root, GPT2_SPEC, toy_dims(toy.model.config)) == 3
+    assert module_calls(graph) == ["blocks.0.ln1", "blocks.0.ln2", "ln_final"]
+    ids = tokens()
+    want = eager(toy.model, ids)
+    assert max_diff(run(root, graph, ids), want) == 0.0  # unhooked: HF's own expression
+    seen = watch(root, ["blocks.0.ln2.hook_scale", "blocks.0.ln2.hook_normalized"])
+    assert max_diff(run(root, graph, ids), want) < TOL
+    x = module_io(toy.model, ids, ["model.layers.0.post_attention_layernorm"])[
+        "model.layers.0.post_attention_layernorm"][0]
+    centred = x - x.mean(-1, keepdim=True)
+    scale = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert max_diff(seen["blocks.0.ln2.hook_scale"], scale) < TOL
+    assert max_diff(seen["blocks.0.ln2.hook_normalized"], centred / scale) < TOL
+
+
+def test_a_hand_written_norm_whose_variance_is_not_of_the_centred_x_is_no_layer_norm():
+    toy = _one_layer(functools.partial(HandLayerNorm, centred_var=False))
+    root, graph = toy.fresh()
+    err = no_match("hook_norms", graph, root, GPT2_SPEC, toy_dims(toy.model.config))
+    assert missed(err, 3, 0)
