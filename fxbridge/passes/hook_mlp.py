@@ -20,16 +20,16 @@ def hook_mlp(ctx: PassContext) -> int:
     spec, graph = ctx.spec, ctx.graph
     found = 0
     for layer in range(ctx.dims["n_layers"]):
-        mlp_path = spec.layer(layer, spec.mlp)
-        pre_path = spec.layer(layer, f"{spec.mlp}.{spec.mlp_gate or spec.mlp_in}")
+        mlp_path = spec.mlp_path(layer)
+        pre_path = spec.mlp_path(layer, spec.mlp_gate or spec.mlp_in)
         todo = [(pre_path, "mlp.hook_pre")]
         if spec.mlp_gate:
-            todo.append((spec.layer(layer, f"{spec.mlp}.{spec.mlp_in}"), "mlp.hook_pre_linear"))
+            todo.append((spec.mlp_path(layer, spec.mlp_in), "mlp.hook_pre_linear"))
         for path, hook in todo:
             out = output_of(graph, path, "the projection's output")
             hook_after(ctx, out, hook_name(hook, layer), scope=mlp_path, hf_module=path)
             found += 1
-        down_path = spec.layer(layer, f"{spec.mlp}.{spec.mlp_out}")
+        down_path = spec.mlp_path(layer, spec.mlp_out)
         down = ModuleRegion.of(graph, down_path)
         post = single(down.inputs, "input", down_path)
         hook_after(ctx, post, hook_name("mlp.hook_post", layer), scope=mlp_path,

@@ -26,13 +26,14 @@ def _is_inv_sqrt(node) -> bool:
 
 def norm_sites(spec, dims) -> list[tuple[str, str]]:
     """(hook prefix, HF module path) of every norm the spec names."""
-    sites = []
+    sites = [] if spec.embed_norm is None else [("ln_embed", spec.embed_norm)]
     for layer in range(dims["n_layers"]):
         for short in ("ln1", "ln2", "ln1_post", "ln2_post"):
             rel = getattr(spec, short)
             if rel is not None:
                 sites.append((f"blocks.{layer}.{short}", spec.layer(layer, rel)))
-    sites.append(("ln_final", spec.final_norm))
+    if spec.final_norm is not None:
+        sites.append(("ln_final", spec.final_norm))
     return sites
 
 

@@ -6,6 +6,7 @@
 Sandwich-norm models hook the post-norm outputs as attn_out / mlp_out; parallel blocks have no resid_mid.
 """
 import torch
+from torch import fx
 
 from ..runtime.names import hook_name
 from ..tracer.graph_facts import ModuleRegion, module_stack
@@ -26,6 +27,19 @@ def _parent_scope(node, path: str) -> str:
     return paths[idx - 1] if idx > 0 else ""
 
 
+def _layer_input(ctx, i: int, inside: ModuleRegion, attn_out: fx.Node) -> fx.Node:
+    """The residual stream entering layer i: ln1's input from outside the layer, or where ln1 reads a value made
+    inside the layer (post-LN blocks: OpenAI GPT, OPT-350m), the operand of attn_out's residual add from outside."""
+    spec, graph, layer = ctx.spec, ctx.graph, ctx.spec.layer(i)
+    ln1 = spec.layer(i, spec.ln1)
+    outside = [n for n in ModuleRegion.of(graph, ln1).inputs if n not in inside]
+    if outside:
+        return single(outside, f"input from outside {layer} (the residual stream)", ln1)
+    adds = [u for u in attn_out.users if u.target in _ADDS]
+    return single([a for u in adds for a in u.args if isinstance(a, fx.Node) and a is not attn_out
+                   and a not in inside], "residual operand from outside the layer of the attention output's add", layer)
+
+
 @graph_pass(expects=lambda spec, dims: _hooks_per_layer(spec) * dims["n_layers"])
 def hook_residual(ctx: PassContext) -> int:
     """Hook resid_pre, attn_out, resid_mid, mlp_out and resid_post of each layer."""
@@ -34,11 +48,10 @@ def hook_residual(ctx: PassContext) -> int:
     for i in range(ctx.dims["n_layers"]):
         layer = spec.layer(i)
         inside = ModuleRegion.of(graph, layer)
-        ln1 = spec.layer(i, spec.ln1)
-        x_in = single([n for n in ModuleRegion.of(graph, ln1).inputs if n not in inside],
-                      f"input from outside {layer} (the residual stream)", ln1)
-        attn_out = output_of(graph, spec.layer(i, spec.ln1_post or spec.attn), "the attention block's output")
-        mlp_out = output_of(graph, spec.layer(i, spec.ln2_post or spec.mlp), "the MLP block's output")
+        attn_out = output_of(graph, spec.layer(i, spec.ln1_post or spec.attn_out_at or spec.attn), "the attention block's output")
+        # the MLP block's output: the MLP module's, or its down projection's where it sits on the layer (OPT)
+        mlp_out = output_of(graph, spec.layer(i, spec.ln2_post or spec.mlp_out_at or spec.mlp or spec.mlp_out), "the MLP block's output")
+        x_in = _layer_input(ctx, i, inside, attn_out)
         out = output_of(graph, layer, "the decoder layer's output")
         readers = [u for u in x_in.users if u in inside]
         hook_after(ctx, x_in, hook_name("hook_resid_pre", i), scope=layer, users=readers, meta_from=readers[0],
