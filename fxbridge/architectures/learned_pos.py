@@ -1,8 +1,8 @@
 """Absolute-position families: OPT, XGLM, GPT-Neo, OpenAI GPT (learned or sinusoidal positions, LayerNorm).
 
-- Positions are HF's own code in the graph: OPT's ``cumsum(mask) * mask - 1 (+ offset 2)`` and XGLM's
-  ``cumsum(mask) * mask + padding_idx`` come from the attention mask, so left padding gives what HF gives;
-  GPT-Neo and OpenAI GPT use ``arange``. ``hook_pos_embed`` is the position module's output ([B,S,D]).
+- Positions are HF's own code in the graph, so left padding gives what HF gives: OPT's come from the mask,
+  ``cumsum(mask) * mask - 1`` (+ offset 2); XGLM (transformers 5.x), GPT-Neo and OpenAI GPT number them
+  ``arange(S)`` whatever the mask. ``hook_pos_embed`` is the position module's output ([B,S,D]).
 - XGLM scales the token embedding by sqrt(d_model) inside ``XGLMScaledWordEmbedding``: ``hook_embed`` is that
   module's output, already scaled (as Gemma). Its sinusoidal table is a buffer, hooked as ``hook_pos_embed``.
 - GPT-Neo and XGLM compute attention inline: ``capture_eager_attention`` reads GPT-Neo's unscaled q.kᵀ with the
