@@ -32,8 +32,9 @@ def _layer_input(ctx, i: int, inside: ModuleRegion, attn_out: fx.Node) -> fx.Nod
     inside the layer (post-LN blocks: OpenAI GPT, OPT-350m), the operand of attn_out's residual add from outside."""
     spec, graph, layer = ctx.spec, ctx.graph, ctx.spec.layer(i)
     ln1 = spec.layer(i, spec.ln1)
-    outside = [n for n in ModuleRegion.of(graph, ln1).inputs if n not in inside]
-    if outside:
+    region = ModuleRegion.of(graph, ln1)
+    outside = [n for n in region.inputs if n not in inside]
+    if outside or not region.nodes:  # no ln1 there: the spec names another module
         return single(outside, f"input from outside {layer} (the residual stream)", ln1)
     adds = [u for u in attn_out.users if u.target in _ADDS]
     return single([a for u in adds for a in u.args if isinstance(a, fx.Node) and a is not attn_out
