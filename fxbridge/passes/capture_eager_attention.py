@@ -1,4 +1,5 @@
-"""Recognise attention that HF computes inline (Falcon) and replace it by one ``fxbridge::attention`` node.
+"""Recognise attention that HF computes inline (Falcon, GPT-Neo, XGLM, OpenAI GPT, Bloom, MPT) and replace it by
+one ``fxbridge::attention`` node.
 
 Models that call attention through HF's AttentionInterface already hold one such node per layer (see
 tracer/attention_op.py); Falcon writes it out. This pass finds, by structure inside each attention module,
@@ -14,6 +15,13 @@ given to the core un-repeated (one view: head h of the repeat is KV head h // R)
 scale enters ``hook_attn_scores`` scaled, as HF has it. Falcon's eager ALiBi branch adds ALiBi twice (once
 here, once folded into the mask by FalconModel) while its sdpa branch -- the default -- adds it once; the
 pass's ``drop_pre_scale_bias`` says which branch the model is configured for (see architectures/falcon.py).
+
+The scores may also be ``baddbmm(bias, q, kᵀ, beta, alpha)`` (Bloom: bias * beta is a term, alpha the scale), be
+computed on heads flattened into the batch ([B*H,S,dh] operands, Bloom / XGLM: operands, terms and the output are
+viewed between the two layouts), skip the scale (GPT-Neo: 1.0), and carry masks written into them:
+``where(keep, s, fill)`` and ``masked_fill(s, drop, fill)`` become the term ``where(keep, 0, fill)``, a product with
+a 0/1 tensor ``s * keep`` the term ``where(keep, 0, -inf)`` (OpenAI GPT's ``s * b - 1e4 * (1 - b)``: masked entries
+are -inf, the softmax is HF's), and a floor ``max(s, finfo.min)`` (XGLM) is dropped (it changes only -inf).
 """
 from __future__ import annotations
 
