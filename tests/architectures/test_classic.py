@@ -131,3 +131,46 @@ def test_sliced_buffers_run_every_length_up_to_the_maximum(arch):
         ids = tokens(1, seq)
         with torch.no_grad():
             assert _diff(gm(ids), ref(ids).logits) < TOL
+
+
+def _variant(arch, **changes):
+    """A traced variant of tiny ``arch`` with config ``changes`` and its eager reference."""
+    import copy
+
+    import fxbridge
+    from tiny import CONFIGS, build_from_config, eager_reference
+    config = CONFIGS[arch]()
+    for key, value in changes.items():
+        setattr(config, key, copy.deepcopy(value))
+    model = build_from_config(config)
+    return model, eager_reference(model), fxbridge.trace(model)
+
+
+def _parity(ref, gm):
+    ids, mask = left_padded(3, 9, pads=[0, 3, 6])
+    with torch.no_grad():
+        assert _diff(gm(tokens(2, 8)), ref(tokens(2, 8)).logits) < TOL
+        assert _diff(gm(ids, attention_mask=mask)[mask.bool()], ref(ids, attention_mask=mask).logits[mask.bool()]) < TOL
+
+
+def test_mpt_clip_qkv_is_inside_hook_q():
+    from transformers import MptConfig
+    attn_config = MptConfig(**{"attn_config": {"clip_qkv": 0.05}}).attn_config
+    model, ref, gm = _variant("mpt", attn_config=attn_config)
+    assert model.transformer.blocks[0].attn.clip_qkv == 0.05
+    _parity(ref, gm)
+    with torch.no_grad():
+        q = gm.run_with_cache(tokens(1, 6), names_filter="blocks.0.attn.hook_q")[1]["blocks.0.attn.hook_q"]
+    assert q.abs().max().item() == pytest.approx(0.05)  # the clamp bites and hook_q is after it
+
+
+@pytest.mark.parametrize("arch,changes", [
+    ("opt", dict(enable_bias=False, layer_norm_elementwise_affine=False)),
+    ("opt", dict(word_embed_proj_dim=48)),  # pre-LN with project_in / project_out
+    ("gpt_neo", dict(attention_types=[[["local"], 3]], attention_layers=["local"] * 3)),
+    ("xglm", dict(scale_embedding=False)),
+    ("bloom", dict(apply_residual_connection_post_layernorm=True)),  # resid_mid = ln1 output + attn_out, as HF adds
+])
+def test_other_configs_of_the_families_match_hf(arch, changes):
+    _, ref, gm = _variant(arch, **changes)
+    _parity(ref, gm)
