@@ -27,7 +27,8 @@ class ArchSpec:
     layers: str = "model.layers"
     embed: str = "model.embed_tokens"
     pos_embed: str | None = None
-    final_norm: str = "model.norm"
+    embed_norm: str | None = None  # a norm of the embeddings before layer 0 (Bloom): ln_embed hooks
+    final_norm: str | None = "model.norm"  # None: no final norm (OpenAI GPT, post-LN OPT)
     unembed: str = "lm_head"
     # per layer (relative to f"{layers}.{i}")
     ln1: str | None = "input_layernorm"  # None: no pre-attention norm (OLMo 2 post-norm blocks)
@@ -42,7 +43,11 @@ class ArchSpec:
     qkv: str | None = None  # fused projection, split by `qkv_layout`
     qkv_layout: str = "contiguous"  # [q | k | v]; "per_head" [q_h,k_h,v_h] x H; "per_group" [q..q,k,v] x Hkv;
     # "blocks:M:ORDER" M blocks of H/M heads per role, roles in ORDER (CodeGen "blocks:4:qvk"); see qkv_layouts.py
-    mlp: str = "mlp"
+    # where the attention / MLP branch output is not the module's (Bloom, MPT add the residual inside the
+    # module): the module whose output is hook_attn_out / hook_mlp_out
+    attn_out_at: str | None = None
+    mlp_out_at: str | None = None
+    mlp: str | None = "mlp"  # None: the MLP projections sit on the decoder layer itself (OPT, XGLM)
     mlp_gate: str | None = "gate_proj"  # gated MLP: hook_pre = gate output, hook_pre_linear = mlp_in output
     mlp_in: str = "up_proj"
     mlp_out: str = "down_proj"
@@ -71,6 +76,11 @@ class ArchSpec:
 
     def layer(self, i: int, rel: str | None = None) -> str:
         base = f"{self.layers}.{i}"
+        return base if rel is None else f"{base}.{rel}"
+
+    def mlp_path(self, i: int, rel: str | None = None) -> str:
+        """The MLP module of layer i (the layer itself where ``mlp`` is None), or ``rel`` inside it."""
+        base = self.layer(i, self.mlp)
         return base if rel is None else f"{base}.{rel}"
 
     @property

@@ -20,6 +20,7 @@ from .make_adds_out_of_place import make_adds_out_of_place
 from .remove_eval_dropout import remove_eval_dropout
 from .route_shared_kv import route_shared_kv
 from .split_fused_qkv import split_fused_qkv
+from .unflatten_token_rows import unflatten_token_rows
 
 PASSES: dict[str, GraphPass] = {p.name: p for p in (
     hook_embeddings, hook_attention, hook_qkv, hook_mlp, hook_norms, hook_residual, hook_unembed,
@@ -27,6 +28,7 @@ PASSES: dict[str, GraphPass] = {p.name: p for p in (
     hook_attn_result,
     alias_shared_kv, route_shared_kv, hook_shared_qkv, hook_per_layer_embeddings, hook_moe,
     split_fused_qkv, capture_eager_attention, remove_eval_dropout, make_adds_out_of_place,
+    unflatten_token_rows,
 )}
 
 __all__ = ["PASSES", "GraphPass", "NoMatch", "PassContext", "PassResult", "check_order", "run_passes", *PASSES]

@@ -79,8 +79,8 @@ def hook_mlp(ctx: PassContext, *, post_input: str | None = None) -> int:
     spec, graph = ctx.spec, ctx.graph
     found = 0
     for layer in range(ctx.dims["n_layers"]):
-        mlp_path = spec.layer(layer, spec.mlp)
-        pre_path = spec.layer(layer, f"{spec.mlp}.{spec.mlp_gate or spec.mlp_in}")
+        mlp_path = spec.mlp_path(layer)
+        pre_path = spec.mlp_path(layer, spec.mlp_gate or spec.mlp_in)
         if spec.mlp_gate and spec.mlp_gate == spec.mlp_in:  # fused [gate | up]
             gate, up = _fused_halves(ctx, output_of(graph, pre_path, "the fused projection's output"), mlp_path,
                                      pre_path)
@@ -88,12 +88,12 @@ def hook_mlp(ctx: PassContext, *, post_input: str | None = None) -> int:
         else:
             todo = [(output_of(graph, pre_path, "the projection's output"), "mlp.hook_pre", pre_path)]
             if spec.mlp_gate:
-                in_path = spec.layer(layer, f"{spec.mlp}.{spec.mlp_in}")
+                in_path = spec.mlp_path(layer, spec.mlp_in)
                 todo.append((output_of(graph, in_path, "the projection's output"), "mlp.hook_pre_linear", in_path))
         for out, hook, path in todo:
             hook_after(ctx, out, hook_name(hook, layer), scope=mlp_path, hf_module=path)
             found += 1
-        down_path = spec.layer(layer, f"{spec.mlp}.{post_input or spec.mlp_out}")
+        down_path = spec.mlp_path(layer, post_input or spec.mlp_out)
         down = ModuleRegion.of(graph, down_path)
         post = single(down.inputs, "input", down_path)
         hook_after(ctx, post, hook_name("mlp.hook_post", layer), scope=mlp_path,

@@ -33,14 +33,15 @@ def _is_inv_sqrt(node) -> bool:
 def norm_sites(spec, dims, sub_norms=()) -> list[tuple[str, str]]:
     """(hook prefix, HF module path) of every norm the spec names, and of the per-layer ``sub_norms``
     ((prefix relative to ``blocks.{i}``, HF path relative to the layer) pairs, a ``hook_norms`` parameter)."""
-    sites = []
+    sites = [] if spec.embed_norm is None else [("ln_embed", spec.embed_norm)]
     for layer in range(dims["n_layers"]):
         for short in ("ln1", "ln2", "ln1_post", "ln2_post"):
             rel = getattr(spec, short)
             if rel is not None:
                 sites.append((f"blocks.{layer}.{short}", spec.layer(layer, rel)))
         sites += [(f"blocks.{layer}.{short}", spec.layer(layer, rel)) for short, rel in sub_norms]
-    sites.append(("ln_final", spec.final_norm))
+    if spec.final_norm is not None:
+        sites.append(("ln_final", spec.final_norm))
     return sites
 
 

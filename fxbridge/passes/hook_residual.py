@@ -48,13 +48,16 @@ def _scaled(node: fx.Node) -> fx.Node:
 
 
 def _layer_input(ctx, i: int, inside: ModuleRegion, attn_out: fx.Node) -> fx.Node:
-    """The residual stream entering layer i: the input of ln1 from outside the layer, or where there is no ln1,
-    the operand of attn_out's residual add that comes from outside the layer."""
-    spec, layer = ctx.spec, ctx.spec.layer(i)
+    """The residual stream entering layer i: ln1's input from outside the layer; where there is no ln1 (OLMo 2
+    post-norm blocks) or ln1 reads a value made inside the layer (post-LN blocks: OpenAI GPT, OPT-350m), the
+    operand of attn_out's residual add that comes from outside the layer."""
+    spec, graph, layer = ctx.spec, ctx.graph, ctx.spec.layer(i)
     if spec.ln1 is not None:
         ln1 = spec.layer(i, spec.ln1)
-        return single([n for n in ModuleRegion.of(ctx.graph, ln1).inputs if n not in inside],
-                      f"input from outside {layer} (the residual stream)", ln1)
+        region = ModuleRegion.of(graph, ln1)
+        outside = [n for n in region.inputs if n not in inside]
+        if outside or not region.nodes:  # no ln1 there: the spec names another module
+            return single(outside, f"input from outside {layer} (the residual stream)", ln1)
     adds = [u for u in attn_out.users if u.target in _ADDS]
     return single([a for u in adds for a in u.args if isinstance(a, fx.Node) and a is not attn_out
                    and a not in inside], "residual operand from outside the layer of the attention output's add",
@@ -69,8 +72,11 @@ def hook_residual(ctx: PassContext) -> int:
     for i in range(ctx.dims["n_layers"]):
         layer = spec.layer(i)
         inside = ModuleRegion.of(graph, layer)
-        attn_out = _scaled(output_of(graph, spec.layer(i, spec.ln1_post or spec.attn), "the attention block's output"))
-        mlp_out = _scaled(output_of(graph, spec.layer(i, spec.ln2_post or spec.mlp), "the MLP block's output"))
+        attn_out = _scaled(output_of(graph, spec.layer(i, spec.ln1_post or spec.attn_out_at or spec.attn),
+                                     "the attention block's output"))
+        # the MLP block's output: the MLP module's, or its down projection's where it sits on the layer (OPT)
+        mlp_out = _scaled(output_of(graph, spec.layer(i, spec.ln2_post or spec.mlp_out_at or spec.mlp or spec.mlp_out),
+                                    "the MLP block's output"))
         x_in = _layer_input(ctx, i, inside, attn_out)
         out = output_of(graph, layer, "the decoder layer's output")
         readers = [u for u in x_in.users if u in inside]

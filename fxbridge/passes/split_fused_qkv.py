@@ -139,12 +139,22 @@ def _match_region(fused, probe, candidates, attn_path) -> list[tuple[fx.Node, tu
     return matches
 
 
+_CLAMPS = {torch.ops.aten.clamp.default, torch.ops.aten.clip.default}
+
+
+def _clamped(fused: fx.Node) -> fx.Node:
+    """The fused output through a clamp that is its only reader (MPT ``clip_qkv``): hook_q/k/v see what attention
+    reads, and the layout probe runs on the split alone (a clamp would change the probe's index values)."""
+    users = list(fused.users)
+    return users[0] if len(users) == 1 and users[0].target in _CLAMPS else fused
+
+
 def split_layer(ctx: PassContext, layer: int) -> int:
     """Split and hook one layer's fused projection; returns the number of hooks made (3)."""
     spec, dims, graph = ctx.spec, ctx.dims, ctx.graph
     attn_path = spec.layer(layer, spec.attn)
     qkv_path = spec.layer(layer, f"{spec.attn}.{spec.qkv}")
-    fused = output_of(graph, qkv_path, "the fused projection's output")
+    fused = _clamped(output_of(graph, qkv_path, "the fused projection's output"))
     _check_size(fused, spec.qkv_layout, dims, qkv_path)
     h, g, d = dims["n_heads"], dims["n_kv_heads"], dims["d_head"]
     probe = _Probe(ctx.root, fused)

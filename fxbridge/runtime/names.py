@@ -53,6 +53,8 @@ _SCORES = ("B", "H", "S", "S")
 HOOKS: tuple[HookDef, ...] = (
     HookDef("hook_embed", _RES, doc="token embedding output"),
     HookDef("hook_pos_embed", _RES, doc="learned absolute position embeddings"),
+    HookDef("ln_embed.hook_scale", _SCALE, doc="norm of the embeddings before layer 0 (Bloom)"),
+    HookDef("ln_embed.hook_normalized", _NORMED, doc="norm of the embeddings before layer 0 (Bloom)"),
     HookDef(_B + "hook_resid_pre", _RES, _a(_B + "hook_in"), "residual stream entering layer i"),
     HookDef(_B + "ln1.hook_scale", _SCALE, doc="sqrt(mean(x_c^2)+eps) of the pre-attention norm"),
     HookDef(_B + "ln1.hook_normalized", _NORMED, doc="x_c / scale, before weight and bias"),

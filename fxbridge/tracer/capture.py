@@ -17,6 +17,7 @@ trace the model again on its real device.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -76,16 +77,36 @@ def _max_positions(config) -> int | None:
 
 
 def export_model(model, *, batch: int = 2, seq: int = 7):
-    """torch.export the model's forward(input_ids, attention_mask, use_cache=False) with dynamic B and S."""
+    """torch.export the model's forward(input_ids, attention_mask, use_cache=False) with dynamic B and S.
+
+    Batch and sequence are named dims first. A model that slices a buffer of max_positions rows by the sequence
+    length (GPT-Neo's causal bias, MPT's ALiBi table) makes export guard on the sequence length (``seq != max``)
+    and reject the named dim ("Constraints violated"); it is then exported with dynamic-dim hints over the same
+    ranges, which accept such guards (the slices in the graph are still symbolic: every length runs).
+    """
     ids, mask = _example_inputs(model, batch, seq)
     max_seq = _max_positions(model.config)
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if "use_cache" in inspect.signature(model.forward).parameters:  # OpenAI GPT has no cache (and no argument)
+        kwargs["use_cache"] = False
+
+    def dynamic(b_dim, s_dim):
+        dyn = {"input_ids": {0: b_dim, 1: s_dim}, "attention_mask": {0: b_dim, 1: s_dim}}
+        return dict(dyn, use_cache=None) if "use_cache" in kwargs else dyn
+
     b_dim = torch.export.Dim("batch", min=1, max=1 << 16)
     s_dim = torch.export.Dim("seq", min=1, max=max_seq) if max_seq else torch.export.Dim("seq", min=1)
-    dyn = {"input_ids": {0: b_dim, 1: s_dim}, "attention_mask": {0: b_dim, 1: s_dim}, "use_cache": None}
-    kwargs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+    hints = torch.export.Dim.DYNAMIC(min=1, max=1 << 16), torch.export.Dim.DYNAMIC(min=1, max=max_seq)
     with capture_attention(model), torch.no_grad():
         try:
-            return torch.export.export(model, (), kwargs, dynamic_shapes=dyn, strict=False)
+            try:
+                return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic(b_dim, s_dim), strict=False)
+            except Exception as exc:  # noqa: BLE001 -- torch.export's UserError; anything else is re-raised below
+                if "Constraints violated" not in str(exc):
+                    raise
+                log.info("export guarded the sequence length (%s); exporting with dynamic-dim hints",
+                         str(exc).splitlines()[1].strip() if "\n" in str(exc) else exc)
+                return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic(*hints), strict=False)
         except Exception as exc:  # torch.export raises many types; re-raise one that names the model
             raise CaptureError(
                 f"torch.export could not capture {type(model).__name__} "

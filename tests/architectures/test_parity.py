@@ -46,7 +46,7 @@ def test_resid_post_equals_hf_layer_output(trio):
     for i in range(gm.dims["n_layers"]):
         layer = ref.get_submodule(spec.layer(i))
         handles.append(layer.register_forward_hook(
-            lambda mod, args, out, i=i: outputs.__setitem__(i, out[0] if isinstance(out, tuple) else out)))
+            lambda mod, args, out, i=i: outputs.__setitem__(i, out[0] if isinstance(out, (tuple, list)) else out)))
     ids = tokens(2, 7)
     try:
         with torch.no_grad():
