@@ -101,8 +101,11 @@ def shallow_model(model, n_layers: int, path: str):
     return shallow
 
 
-def stitch(graph: fx.Graph, path: str, n_layers: int, p: int, device: torch.device) -> fx.Graph:
-    """The graph of an ``n_layers`` model from ``graph``, a capture of the same model with 2p layers."""
+def stitch(graph: fx.Graph, path: str, n_layers: int, p: int, device: torch.device,
+           constants: dict | None = None) -> fx.Graph:
+    """The graph of an ``n_layers`` model from ``graph``, a capture of the same model with 2p layers.
+    ``constants``: the tensor constants the capture lifted onto its root, by get_attr target."""
+    constants = {} if constants is None else constants  # gets the per-layer copies of layer-made constants
     layer = {n: layer_index(n, path) for n in graph.nodes}
     body = {k: [n for n in graph.nodes if layer[n] == k and n.op != "get_attr"] for k in range(2 * p)}
     outer = [n for n in graph.nodes if layer[n] is None]
@@ -122,7 +125,7 @@ def stitch(graph: fx.Graph, path: str, n_layers: int, p: int, device: torch.devi
         if n in depends and any(layer[u] is not None for u in n.users):
             raise _Refuse(f"{n.name} is computed between layers")
     outs = [_layer_output(body[k], layer, k) for k in range(2 * p)]
-    carried0 = _check_periodic(body, layer, outs, p, path)
+    carried0 = _check_periodic(body, layer, outs, p, path, constants)
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     attrs: dict[str, fx.Node] = {}
@@ -150,6 +153,11 @@ def stitch(graph: fx.Graph, path: str, n_layers: int, p: int, device: torch.devi
                 return local[a]
             if a.op == "get_attr" and layer[a] == t:
                 return get_attr(hf_target(relayer(hf_path(a.target), path, t, i)), a)
+            if a.op == "get_attr" and a.target in constants and all(layer[u] == t for u in a.users):
+                # a constant the layer makes: each layer gets its own, as in a full capture
+                name = f"{a.target}_layer{i}"
+                constants.setdefault(name, constants[a.target])
+                return get_attr(name, a)
             if (t == 0 and a is carried0) or (t > 0 and a is outs[t - 1]):
                 return prev_out
             return env[a]
@@ -183,7 +191,7 @@ def _layer_output(nodes: list[fx.Node], layer: dict, k: int) -> fx.Node:
     return outs[0]
 
 
-def _check_periodic(body: dict, layer: dict, outs: list, p: int, path: str) -> fx.Node:
+def _check_periodic(body: dict, layer: dict, outs: list, p: int, path: str, constants: dict) -> fx.Node:
     """Layers t and t+p must match op for op; returns the value layer 0 reads as its incoming residual."""
     carried0 = None
     for t in range(p):
@@ -202,7 +210,7 @@ def _check_periodic(body: dict, layer: dict, outs: list, p: int, path: str) -> f
                 raise _Refuse(f"{a.name} / {b.name} have different arguments")
             for j, (x, y) in enumerate(zip(flat_a, flat_b)):
                 if isinstance(x, fx.Node) and isinstance(y, fx.Node):
-                    carried0 = _same_source(x, y, t, p, layer, pos_a, pos_b, outs, carried0, path)
+                    carried0 = _same_source(x, y, t, p, layer, pos_a, pos_b, outs, carried0, path, constants)
                 elif isinstance(x, fx.Node) or isinstance(y, fx.Node):
                     raise _Refuse(f"{a.name} / {b.name} differ in argument {j}")
                 elif not _equal_const(x, y):
@@ -217,7 +225,7 @@ def _unlabelled(node: fx.Node) -> tuple:
     return AttentionCall.of(node).with_layer(-1).args if AttentionCall.is_op(node) else node.args
 
 
-def _same_source(x, y, t, p, layer, pos_a, pos_b, outs, carried0, path):
+def _same_source(x, y, t, p, layer, pos_a, pos_b, outs, carried0, path, constants):
     if x in pos_a and y in pos_b:
         if pos_a[x] != pos_b[y]:
             raise _Refuse(f"layers {t} and {t + p} wire {x.name} / {y.name} differently")
@@ -233,7 +241,24 @@ def _same_source(x, y, t, p, layer, pos_a, pos_b, outs, carried0, path):
             return x
     if x is y and layer[x] is None:  # shared values: masks, rotary tables, position ids
         return carried0
+    if _same_constant(x, y, layer, constants):  # per-layer copies of one constant (Falcon's index lists)
+        return carried0
     raise _Refuse(f"layers {t} and {t + p} read {x.name} / {y.name}")
+
+
+def _same_constant(x: fx.Node, y: fx.Node, layer: dict, constants: dict) -> bool:
+    """x and y read two lifted tensor constants (on the capture's root) that are equal: a layer that builds a
+    constant (Falcon indexes with a list, ``t[..., [-2], :]``) gets one per layer; the stitched layers share one.
+    On the meta device values are unknown and only shape and dtype can be compared: a meta graph computes only
+    shapes and dtypes, so it is no less exact for that."""
+    if x.op != "get_attr" or y.op != "get_attr" or layer[x] is not None or layer[y] is not None:
+        return False
+    a, b = constants.get(x.target), constants.get(y.target)
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    return a.is_meta or bool(torch.equal(a, b))
 
 
 def _flat(args, kwargs) -> list:
@@ -264,15 +289,10 @@ def _fix_devices(graph: fx.Graph, device: torch.device) -> None:
         n.kwargs = fx.node.map_aggregate(n.kwargs, fix)
 
 
-def _prologue_constants(root, graph: fx.Graph, path: str) -> dict[str, torch.Tensor]:
-    """Tensor constants the capture lifted onto its root (transformers 5.17's mask code makes one), provided no
-    decoder layer reads them: layers are re-emitted from templates, the prologue and epilogue are kept as they are."""
-    constants = dict(root.named_buffers(recurse=False))
-    for node in graph.nodes:
-        if node.op == "get_attr" and node.target in constants:
-            if any(layer_index(user, path) is not None for user in node.users):
-                raise _Refuse(f"decoder layers read the constant {node.target}")
-    return constants
+def _prologue_constants(root) -> dict[str, torch.Tensor]:
+    """Tensor constants the capture lifted onto its root (transformers 5.17's mask code makes one; Falcon's layers
+    make some). Layers re-emitted from a template read the template's constants (checked equal across periods)."""
+    return dict(root.named_buffers(recurse=False))
 
 
 def capture_stitched(model, path: str, export_model, unlift, *, batch: int, seq: int):
@@ -297,9 +317,9 @@ def capture_stitched(model, path: str, export_model, unlift, *, batch: int, seq:
         root, graph = unlift(ep, shallow)
         if any(name != HF_ROOT for name, _ in root.named_children()):
             raise _Refuse("the capture holds submodules of its own")
-        constants = _prologue_constants(root, graph, path)
+        constants = _prologue_constants(root)
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
-        graph = stitch(graph, path, len(layers), p, device)
+        graph = stitch(graph, path, len(layers), p, device, constants)
         graph.lint()
     except _Refuse as why:
         log.info("stitching %s does not apply (%s); capturing every layer", type(model).__name__, why)
