@@ -209,21 +209,24 @@ def _falcon(**flags):
     return lambda: tf.FalconConfig(**dict(FALCON, **flags))
 
 
-@pytest.mark.parametrize("make,n_layers,period", [
-    (lambda: tf.LlamaConfig(**COMMON), 5, 1),
+@pytest.mark.parametrize("make,n_layers,sampled", [
+    (lambda: tf.LlamaConfig(**COMMON), 5, 2),
     (lambda: tf.Gemma2Config(**dict(COMMON, num_hidden_layers=2, sliding_window=4, query_pre_attn_scalar=20,
                                     layer_types=["sliding_attention", "full_attention"]),
-                             attn_logit_softcapping=5.0, final_logit_softcapping=3.0), 6, 2),
-    # a per-layer pattern of period 3 that does not divide the depth (2 sliding : 1 full, 8 layers)
+                             attn_logit_softcapping=5.0, final_logit_softcapping=3.0), 6, 4),
+    # a per-layer pattern of period 3 that does not divide the depth (2 sliding : 1 full, 8 layers): layers 0 1 2 5
     (lambda: tf.Gemma3TextConfig(**dict(COMMON, num_hidden_layers=3, sliding_window=4, query_pre_attn_scalar=20,
                                         layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
-     8, 3),
+     8, 4),
+    # 5 sliding : 1 full at 8 layers: the one full layer is captured as it is (layers 0 1 5)
+    (lambda: tf.Gemma3TextConfig(**dict(COMMON, num_hidden_layers=6, sliding_window=4, query_pre_attn_scalar=20,
+                                        layer_types=["sliding_attention"] * 5 + ["full_attention"])), 8, 3),
     # Falcon: inline attention whose layers each make their own index constants (t[..., [-2], :])
-    (_falcon(new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False, bias=False), 5, 1),
-    (_falcon(new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True, bias=True), 5, 1),
-    (_falcon(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=8), 5, 1),
-], ids=["llama", "gemma2", "gemma3_period3", "falcon_7b", "falcon_rw_alibi", "falcon_40b"])
-def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, period):
+    (_falcon(new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False, bias=False), 5, 2),
+    (_falcon(new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True, bias=True), 5, 2),
+    (_falcon(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=8), 5, 2),
+], ids=["llama", "gemma2", "gemma3_period3", "gemma3_5to1", "falcon_7b", "falcon_rw_alibi", "falcon_40b"])
+def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, sampled):
     from fxbridge.architectures import get_spec
     from fxbridge.tracer import capture
     model = build_from_config(_deeper(make(), n_layers))
@@ -231,7 +234,7 @@ def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, perio
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")
     captured = capture(model, layers=path)
-    assert captured.notes[0].startswith(f"stitched: captured {2 * period} of {n_layers} layers")
+    assert captured.notes[0].startswith(f"stitched: captured {sampled} of {n_layers} layers")
     stitched = bridge.trace(model)
     monkeypatch.setenv("FXBRIDGE_STITCH", "0")
     assert capture(model, layers=path).notes == ["captured every layer"]
