@@ -32,7 +32,7 @@ DEFAULT = object()  # an override that keeps the config class's default (drops t
 CONFIGS: dict[str, dict[str, dict]] = {
     # GPTBigCode's key/value heads follow multi_query (one, or all), not num_key_value_heads
     "gpt_bigcode": {"gpt_bigcode": dict(multi_query=True, num_key_value_heads=DEFAULT),
-                    "gpt_bigcode-mha": dict(multi_query=False, num_key_value_heads=DEFAULT)},
+                    "gpt_bigcode-mha": dict(multi_query=False, num_key_value_heads=SMALL["num_attention_heads"])},
     "falcon": {
         "falcon-7b": dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False,
                           bias=False),

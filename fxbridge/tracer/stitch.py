@@ -130,8 +130,11 @@ def shallow_model(model, chosen: list[int], path: str):
     """The model's class with only the layers ``chosen``, built on the meta device and then given the model's own
     parameters and buffers (the same tensors, not copies), so constants the capture computes keep their values."""
     config = shallow_config(model.config, chosen)
-    with torch.device("meta"):
-        shallow = type(model)(config)
+    try:
+        with torch.device("meta"):
+            shallow = type(model)(config)
+    except Exception as exc:  # noqa: BLE001 -- e.g. a count of KV-shared layers the cut-down config cannot have
+        raise _Refuse(f"the model class cannot be built with layers {chosen}: {type(exc).__name__}: {exc}") from exc
     shallow.eval()
     for name, mod in shallow.named_modules():
         big = model.get_submodule(_real_path(name, path, chosen))
