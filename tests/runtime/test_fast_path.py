@@ -225,7 +225,13 @@ def _falcon(**flags):
     (_falcon(new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False, bias=False), 5, 2),
     (_falcon(new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True, bias=True), 5, 2),
     (_falcon(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=8), 5, 2),
-], ids=["llama", "gemma2", "gemma3_period3", "gemma3_5to1", "falcon_7b", "falcon_rw_alibi", "falcon_40b"])
+    # Gemma 4 (no per-layer embeddings): the last sliding and the last full layer store their k/v, so they are
+    # kinds of their own, captured as they are (layers 0 1 2 3 6 7); per_layer_config is keyed by layer index
+    pytest.param(lambda: tf.Gemma4TextConfig(**dict(
+        COMMON, num_hidden_layers=8, sliding_window=4, global_head_dim=32, hidden_size_per_layer_input=0,
+        layer_types=["sliding_attention", "full_attention"] * 4)), 8, 6,
+        marks=pytest.mark.skipif(not hasattr(tf, "Gemma4TextConfig"), reason="transformers < 5.5")),
+], ids=["llama", "gemma2", "gemma3_period3", "gemma3_5to1", "falcon_7b", "falcon_rw_alibi", "falcon_40b", "gemma4"])
 def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, sampled):
     from fxbridge.architectures import get_spec
     from fxbridge.tracer import capture
@@ -269,3 +275,4 @@ def test_layers_whose_code_depends_on_their_index_are_not_stitched():
     ids = tokens(2, 7)
     with torch.no_grad():
         assert (gm(ids) - ref(ids).logits).abs().max().item() < TOL
+
