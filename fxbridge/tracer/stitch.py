@@ -368,7 +368,7 @@ def _fix_devices(graph: fx.Graph, device: torch.device) -> None:
 
 def _prologue_constants(root) -> dict[str, torch.Tensor]:
     """Tensor constants the capture lifted onto its root (transformers 5.17's mask code makes one; Falcon's layers
-    make some). Layers re-emitted from a template read the template's constants (checked equal across periods)."""
+    make some). Layers re-emitted from a template read the template's constants (checked equal between the two captured layers of a kind)."""
     return dict(root.named_buffers(recurse=False))
 
 
