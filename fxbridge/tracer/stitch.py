@@ -368,7 +368,8 @@ def _fix_devices(graph: fx.Graph, device: torch.device) -> None:
 
 def _prologue_constants(root) -> dict[str, torch.Tensor]:
     """Tensor constants the capture lifted onto its root (transformers 5.17's mask code makes one; Falcon's layers
-    make some). Layers re-emitted from a template read the template's constants (checked equal between the two captured layers of a kind)."""
+    make some). Each re-emitted layer gets its own copy of the constants its template makes (checked equal between
+    the two captured layers of a kind)."""
     return dict(root.named_buffers(recurse=False))
 
 
