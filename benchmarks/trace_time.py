@@ -1,4 +1,6 @@
-"""Trace time against depth: ``.venv/bin/python -m benchmarks.trace_time [--layers 2 32] [--families ...] [--json out]``.
+"""Trace time against depth, per family, on the meta device.
+
+``.venv/bin/python -m benchmarks.trace_time [--layers 2 32] [--families ...] [--json out]``
 
 For every family in the registry (``fxbridge.architectures.supported_architectures()``, so families added later
 are picked up without touching this file), a small config is built from the family's own config class
@@ -115,7 +117,7 @@ def entries(families: list[str] | None) -> list[tuple[str, str, dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], usage=None)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 32])
     parser.add_argument("--families", nargs="+", help="model types or config names (default: every family)")
     parser.add_argument("--json", help="write the results to this file")
