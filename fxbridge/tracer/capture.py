@@ -6,7 +6,7 @@ back into ``get_attr`` nodes that point into the HF model (``hf.<fqn>``), so not
 module stays tied to the HF weights. Batch and sequence are dynamic dims, so one capture serves every shape.
 Each node keeps ``meta["nn_module_stack"]`` (the HF module path it came from), which the passes use.
 
-Depth: when the decoder layers repeat with a short period, only two periods are captured and the rest is
+Depth: when the decoder layers are of a few kinds, only two layers of each kind are captured and the rest is
 stitched (stitch.py); otherwise every layer is captured. ``Captured.notes`` says which happened.
 
 Meta device: a model built under ``torch.device("meta")`` traces like any other (no weight is materialised),

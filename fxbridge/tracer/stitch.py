@@ -1,18 +1,23 @@
-"""Depth-flat capture: capture two periods of decoder layers once, then repeat the layer subgraph for every layer.
+"""Depth-flat capture: capture two layers of each kind once, then copy the layer subgraph for every layer.
 
 torch.export traces Python op by op (a few ms per op on CPU), so a full capture costs time proportional to depth.
 Decoder layers of one model run the same code, so fxbridge captures a *shallow* copy of the model instead:
 
     1. Give each layer a kind (its class, parameter names/shapes/dtypes, plain attributes of its submodules,
-       its entries in per-layer config lists such as ``layer_types``); find the period p of the kinds.
-    2. Build the same model class with 2p layers (on the meta device, then given the model's own weights) and
-       capture it.
-    3. Check that layer t and layer t+p captured to the same ops with the same constants (only the
-       ``layer_idx`` of the attention op may differ) and read the same shared values (masks, rotary tables) --
-       a layer whose code depends on its index (GPT-2's ``scale_attn_by_inverse_layer_idx``), a layer that
-       reads another layer's values (KV sharing), or computation between layers makes stitching refuse.
-    4. Emit prologue, then layer ``i`` as a copy of template ``i % p`` with its weights and module paths renamed
-       to layer i, then the epilogue. get_attr nodes point into the real model, as in a full capture.
+       its entries in per-layer config lists such as ``layer_types``) and pick the first two layers of every kind
+       (``sample``): sliding and full layers in any pattern give four, a layer unlike all others (Gemma 4's last
+       layer of each type) is taken as it is.
+    2. Build the same model class with only those layers (per-layer config lists and index-keyed
+       ``per_layer_config`` cut down; on the meta device, then given the model's own weights) and capture it.
+    3. Check that the two captured layers of each kind are the same ops with the same constants (only the
+       ``layer_idx`` of the attention op may differ) and read the same shared values (masks, rotary tables), and
+       that no layer reads another layer's values -- a layer whose code depends on its index (GPT-2's
+       ``scale_attn_by_inverse_layer_idx``), a layer that reads another layer's values (KV sharing), per-layer
+       values computed outside the layers (Gemma 4's per-layer inputs change shape with depth) or computation
+       between layers makes stitching refuse; so does a layer class that occurs only once.
+    4. Emit prologue, then layer ``i`` as a copy of the first captured layer of its kind with its weights and
+       module paths renamed to layer i, then the epilogue. get_attr nodes point into the real model, as in a full
+       capture; tensor constants a layer makes (Falcon's index lists) get one copy per layer.
 
 Any doubt returns None and the caller captures the whole model. ``FXBRIDGE_STITCH=0`` turns stitching off.
 """
@@ -69,27 +74,70 @@ def layer_kind(model, layers, i: int) -> tuple:
     return type(layer).__qualname__, params, buffers, attrs, per_layer
 
 
-def period(kinds: list) -> int:
-    for p in range(1, len(kinds) + 1):
-        if all(kinds[i] == kinds[i % p] for i in range(len(kinds))):
-            return p
-    return len(kinds)
+def sample(kinds: list) -> list[int]:
+    """The layers to capture: the first two of every kind (a kind seen once: that layer), in depth order.
+
+    Every layer of the model is then a copy of the first captured layer of its kind, and the second one of each
+    kind checks that the copy is exact. Sliding and full layers in any pattern (5 : 1 included) need four layers;
+    a tail of layers unlike the rest (Gemma 4's last layer of each type, which stores its k/v) is captured as it is.
+    """
+    seen: dict = {}
+    chosen = []
+    for i, kind in enumerate(kinds):
+        if seen.get(kind, 0) < 2:
+            seen[kind] = seen.get(kind, 0) + 1
+            chosen.append(i)
+    return chosen
 
 
-def shallow_model(model, n_layers: int, path: str):
-    """The model's class with its first ``n_layers`` layers, built on the meta device and then given the model's own
-    parameters and buffers (the same tensors, not copies), so constants the capture computes keep their values."""
-    config = copy.deepcopy(model.config)
+def _index_keyed(value, n: int) -> bool:
+    """A dict keyed by layer index (``per_layer_config`` of transformers' heterogeneous configs)."""
+    if not isinstance(value, dict) or not value:
+        return False
+    try:
+        return all(0 <= int(k) < n for k in value)
+    except (TypeError, ValueError):
+        return False
+
+
+def shallow_config(config, chosen: list[int]):
+    """``config`` with only the layers ``chosen``: per-layer lists and index-keyed dicts cut down and renumbered."""
     total = config.num_hidden_layers
-    for key, value in list(vars(config).items()):
+    if any(_index_keyed(v, total) for v in config.to_dict().values()):
+        data = config.to_dict()  # derived per-layer state: rebuild the config from its serialised form
+        for key, value in list(data.items()):
+            if isinstance(value, list) and len(value) == total:
+                data[key] = [value[i] for i in chosen]
+            elif _index_keyed(value, total):
+                keys = {int(k): k for k in value}
+                data[key] = {type(keys[i])(j): value[keys[i]] for j, i in enumerate(chosen) if i in keys}
+        data["num_hidden_layers"] = len(chosen)
+        try:
+            shallow = type(config).from_dict(data)
+            shallow._attn_implementation = config._attn_implementation
+        except Exception as exc:  # noqa: BLE001 -- any failure: no stitching
+            raise _Refuse(f"the config could not be rebuilt with {len(chosen)} layers: {exc}") from exc
+        return shallow
+    shallow = copy.deepcopy(config)
+    for key, value in list(vars(shallow).items()):
         if isinstance(value, (list, tuple)) and len(value) == total:
-            setattr(config, key, type(value)(value[:n_layers]))
-    config.num_hidden_layers = n_layers
-    with torch.device("meta"):
-        shallow = type(model)(config)
+            setattr(shallow, key, type(value)(value[i] for i in chosen))
+    shallow.num_hidden_layers = len(chosen)
+    return shallow
+
+
+def shallow_model(model, chosen: list[int], path: str):
+    """The model's class with only the layers ``chosen``, built on the meta device and then given the model's own
+    parameters and buffers (the same tensors, not copies), so constants the capture computes keep their values."""
+    config = shallow_config(model.config, chosen)
+    try:
+        with torch.device("meta"):
+            shallow = type(model)(config)
+    except Exception as exc:  # noqa: BLE001 -- e.g. a count of KV-shared layers the cut-down config cannot have
+        raise _Refuse(f"the model class cannot be built with layers {chosen}: {type(exc).__name__}: {exc}") from exc
     shallow.eval()
     for name, mod in shallow.named_modules():
-        big = model.get_submodule(name)
+        big = model.get_submodule(_real_path(name, path, chosen))
         for table in ("_parameters", "_buffers"):
             for key, value in list(getattr(mod, table).items()):
                 ref = getattr(big, table).get(key)
@@ -101,10 +149,20 @@ def shallow_model(model, n_layers: int, path: str):
     return shallow
 
 
-def stitch(graph: fx.Graph, path: str, n_layers: int, p: int, device: torch.device) -> fx.Graph:
-    """The graph of an ``n_layers`` model from ``graph``, a capture of the same model with 2p layers."""
+def _real_path(name: str, path: str, chosen: list[int]) -> str:
+    j = layer_index(name, path)
+    return name if j is None else relayer(name, path, j, chosen[j])
+
+
+def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: torch.device,
+           constants: dict | None = None) -> fx.Graph:
+    """The graph of the model whose layer kinds are ``kinds`` from ``graph``, a capture of its layers ``chosen``
+    (``sample(kinds)``; captured layer j is layer ``chosen[j]``). ``constants``: the tensor constants the capture
+    lifted onto its root, by get_attr target (it gets the per-layer copies of constants the layers make)."""
+    constants = {} if constants is None else constants
+    m = len(chosen)
     layer = {n: layer_index(n, path) for n in graph.nodes}
-    body = {k: [n for n in graph.nodes if layer[n] == k and n.op != "get_attr"] for k in range(2 * p)}
+    body = {k: [n for n in graph.nodes if layer[n] == k and n.op != "get_attr"] for k in range(m)}
     outer = [n for n in graph.nodes if layer[n] is None]
     depends = set()  # outer nodes computed from some layer's output: the epilogue
     for n in graph.nodes:
@@ -121,8 +179,16 @@ def stitch(graph: fx.Graph, path: str, n_layers: int, p: int, device: torch.devi
     for n in outer:
         if n in depends and any(layer[u] is not None for u in n.users):
             raise _Refuse(f"{n.name} is computed between layers")
-    outs = [_layer_output(body[k], layer, k) for k in range(2 * p)]
-    carried0 = _check_periodic(body, layer, outs, p, path)
+    outs = [_layer_output(body[k], layer, k) for k in range(m)]
+    first: dict = {}  # kind -> the captured layer every layer of that kind is copied from
+    pairs = []  # (first, second) captured layers of one kind: they must match
+    for j, i in enumerate(chosen):
+        if kinds[i] in first:
+            pairs.append((first[kinds[i]], j))
+        else:
+            first[kinds[i]] = j
+    carried0 = _check_pairs(body, layer, outs, pairs, path, constants)
+    _check_reads(body, layer, outs, carried0, depends)
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     attrs: dict[str, fx.Node] = {}
@@ -141,8 +207,8 @@ def stitch(graph: fx.Graph, path: str, n_layers: int, p: int, device: torch.devi
             if n.op not in ("placeholder", "get_attr") and not first_compute:
                 first_compute.append(env[n])
     prev_out = env[carried0]
-    for i in range(n_layers):
-        t = i % p
+    for i, kind in enumerate(kinds):
+        t = first[kind]
         local: dict[fx.Node, fx.Node] = {}
 
         def arg(a: fx.Node, t=t, i=i, local=local):
@@ -150,6 +216,11 @@ def stitch(graph: fx.Graph, path: str, n_layers: int, p: int, device: torch.devi
                 return local[a]
             if a.op == "get_attr" and layer[a] == t:
                 return get_attr(hf_target(relayer(hf_path(a.target), path, t, i)), a)
+            if a.op == "get_attr" and a.target in constants and all(layer[u] == t for u in a.users):
+                # a constant the layer makes: each layer gets its own, as in a full capture
+                name = f"{a.target}_layer{i}"
+                constants.setdefault(name, constants[a.target])
+                return get_attr(name, a)
             if (t == 0 and a is carried0) or (t > 0 and a is outs[t - 1]):
                 return prev_out
             return env[a]
@@ -161,7 +232,7 @@ def stitch(graph: fx.Graph, path: str, n_layers: int, p: int, device: torch.devi
                 copied.args = AttentionCall.of(copied).with_layer(i).args
             local[n] = copied
         prev_out = local[outs[t]]
-    last = outs[2 * p - 1]
+    last = outs[m - 1]
     for n in epilogue + [graph.output_node()]:
         env[n] = new.node_copy(n, lambda a: prev_out if a is last else env[a])
     _fix_devices(new, device)
@@ -183,33 +254,47 @@ def _layer_output(nodes: list[fx.Node], layer: dict, k: int) -> fx.Node:
     return outs[0]
 
 
-def _check_periodic(body: dict, layer: dict, outs: list, p: int, path: str) -> fx.Node:
-    """Layers t and t+p must match op for op; returns the value layer 0 reads as its incoming residual."""
+def _check_pairs(body: dict, layer: dict, outs: list, pairs: list, path: str, constants: dict) -> fx.Node:
+    """Captured layers a and b of one kind must match op for op; returns the value layer 0 reads as its incoming
+    residual."""
     carried0 = None
-    for t in range(p):
-        a_nodes, b_nodes = body[t], body[t + p]
+    for a, b in pairs:
+        a_nodes, b_nodes = body[a], body[b]
         if len(a_nodes) != len(b_nodes):
-            raise _Refuse(f"layers {t} and {t + p} captured to {len(a_nodes)} and {len(b_nodes)} nodes")
+            raise _Refuse(f"layers {a} and {b} captured to {len(a_nodes)} and {len(b_nodes)} nodes")
         pos_a = {n: j for j, n in enumerate(a_nodes)}
         pos_b = {n: j for j, n in enumerate(b_nodes)}
-        if pos_a[outs[t]] != pos_b[outs[t + p]]:
-            raise _Refuse(f"layers {t} and {t + p} hand on different values")
-        for a, b in zip(a_nodes, b_nodes):
-            if a.op != b.op or a.target != b.target:
-                raise _Refuse(f"layers {t} and {t + p} differ at {a.name} / {b.name}")
-            flat_a, flat_b = _flat(_unlabelled(a), a.kwargs), _flat(_unlabelled(b), b.kwargs)
+        if pos_a[outs[a]] != pos_b[outs[b]]:
+            raise _Refuse(f"layers {a} and {b} hand on different values")
+        for x_node, y_node in zip(a_nodes, b_nodes):
+            if x_node.op != y_node.op or x_node.target != y_node.target:
+                raise _Refuse(f"layers {a} and {b} differ at {x_node.name} / {y_node.name}")
+            flat_a, flat_b = _flat(_unlabelled(x_node), x_node.kwargs), _flat(_unlabelled(y_node), y_node.kwargs)
             if len(flat_a) != len(flat_b):
-                raise _Refuse(f"{a.name} / {b.name} have different arguments")
+                raise _Refuse(f"{x_node.name} / {y_node.name} have different arguments")
             for j, (x, y) in enumerate(zip(flat_a, flat_b)):
                 if isinstance(x, fx.Node) and isinstance(y, fx.Node):
-                    carried0 = _same_source(x, y, t, p, layer, pos_a, pos_b, outs, carried0, path)
+                    carried0 = _same_source(x, y, a, b, layer, pos_a, pos_b, outs, carried0, path, constants)
                 elif isinstance(x, fx.Node) or isinstance(y, fx.Node):
-                    raise _Refuse(f"{a.name} / {b.name} differ in argument {j}")
+                    raise _Refuse(f"{x_node.name} / {y_node.name} differ in argument {j}")
                 elif not _equal_const(x, y):
-                    raise _Refuse(f"{a.name} / {b.name} differ in constant {x!r} / {y!r} (index-dependent code)")
+                    raise _Refuse(f"{x_node.name} / {y_node.name} differ in constant {x!r} / {y!r} "
+                                  "(index-dependent code)")
     if carried0 is None:
-        raise _Refuse("could not find the residual stream entering layer 0")
+        raise _Refuse("could not find the residual stream entering layer 0 (the first layer's kind occurs once)")
     return carried0
+
+
+def _check_reads(body: dict, layer: dict, outs: list, carried0: fx.Node, depends: set) -> None:
+    """Every captured layer, the ones captured once included, reads only its own values and weights, the layer
+    before's output, and values computed before the first layer (masks, rotary tables): no other layer's values."""
+    for t, nodes in body.items():
+        incoming = carried0 if t == 0 else outs[t - 1]
+        for n in nodes:
+            for a in n.all_input_nodes:
+                if a is incoming or layer[a] == t or (layer[a] is None and a not in depends):
+                    continue
+                raise _Refuse(f"layer {t} reads {a.name} of layer {layer[a]}")
 
 
 def _unlabelled(node: fx.Node) -> tuple:
@@ -217,23 +302,40 @@ def _unlabelled(node: fx.Node) -> tuple:
     return AttentionCall.of(node).with_layer(-1).args if AttentionCall.is_op(node) else node.args
 
 
-def _same_source(x, y, t, p, layer, pos_a, pos_b, outs, carried0, path):
+def _same_source(x, y, a, b, layer, pos_a, pos_b, outs, carried0, path, constants):
     if x in pos_a and y in pos_b:
         if pos_a[x] != pos_b[y]:
-            raise _Refuse(f"layers {t} and {t + p} wire {x.name} / {y.name} differently")
+            raise _Refuse(f"layers {a} and {b} wire {x.name} / {y.name} differently")
         return carried0
-    if x.op == "get_attr" and y.op == "get_attr" and layer[x] == t and layer[y] == t + p:
-        if hf_target(relayer(hf_path(x.target), path, t, t + p)) != y.target:
+    if x.op == "get_attr" and y.op == "get_attr" and layer[x] == a and layer[y] == b:
+        if hf_target(relayer(hf_path(x.target), path, a, b)) != y.target:
             raise _Refuse(f"weights {x.target} / {y.target} differ")
         return carried0
-    if y is outs[t + p - 1]:  # the residual stream coming in
-        if t > 0 and x is outs[t - 1]:
+    if y is outs[b - 1]:  # the residual stream coming in
+        if a > 0 and x is outs[a - 1]:
             return carried0
-        if t == 0 and layer[x] is None and carried0 in (None, x):
+        if a == 0 and layer[x] is None and carried0 in (None, x):
             return x
     if x is y and layer[x] is None:  # shared values: masks, rotary tables, position ids
         return carried0
-    raise _Refuse(f"layers {t} and {t + p} read {x.name} / {y.name}")
+    if _same_constant(x, y, layer, constants):  # per-layer copies of one constant (Falcon's index lists)
+        return carried0
+    raise _Refuse(f"layers {a} and {b} read {x.name} / {y.name}")
+
+
+def _same_constant(x: fx.Node, y: fx.Node, layer: dict, constants: dict) -> bool:
+    """x and y read two lifted tensor constants (on the capture's root) that are equal: a layer that builds a
+    constant (Falcon indexes with a list, ``t[..., [-2], :]``) gets one per layer; the stitched layers share one.
+    On the meta device values are unknown and only shape and dtype can be compared: a meta graph computes only
+    shapes and dtypes, so it is no less exact for that."""
+    if x.op != "get_attr" or y.op != "get_attr" or layer[x] is not None or layer[y] is not None:
+        return False
+    a, b = constants.get(x.target), constants.get(y.target)
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        return False
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    return a.is_meta or bool(torch.equal(a, b))
 
 
 def _flat(args, kwargs) -> list:
@@ -264,15 +366,11 @@ def _fix_devices(graph: fx.Graph, device: torch.device) -> None:
         n.kwargs = fx.node.map_aggregate(n.kwargs, fix)
 
 
-def _prologue_constants(root, graph: fx.Graph, path: str) -> dict[str, torch.Tensor]:
-    """Tensor constants the capture lifted onto its root (transformers 5.17's mask code makes one), provided no
-    decoder layer reads them: layers are re-emitted from templates, the prologue and epilogue are kept as they are."""
-    constants = dict(root.named_buffers(recurse=False))
-    for node in graph.nodes:
-        if node.op == "get_attr" and node.target in constants:
-            if any(layer_index(user, path) is not None for user in node.users):
-                raise _Refuse(f"decoder layers read the constant {node.target}")
-    return constants
+def _prologue_constants(root) -> dict[str, torch.Tensor]:
+    """Tensor constants the capture lifted onto its root (transformers 5.17's mask code makes one; Falcon's layers
+    make some). Each re-emitted layer gets its own copy of the constants its template makes (checked equal between
+    the two captured layers of a kind)."""
+    return dict(root.named_buffers(recurse=False))
 
 
 def capture_stitched(model, path: str, export_model, unlift, *, batch: int, seq: int):
@@ -284,22 +382,27 @@ def capture_stitched(model, path: str, export_model, unlift, *, batch: int, seq:
     if layers is None:
         return None
     try:
-        p = period([layer_kind(model, layers, i) for i in range(len(layers))])
-        if 2 * p >= len(layers):
+        kinds = [layer_kind(model, layers, i) for i in range(len(layers))]
+        chosen = sample(kinds)
+        if len(chosen) >= len(layers):
             return None
+        checked = {kinds[i][0] for i in chosen if kinds.count(kinds[i]) > 1}
+        once = [i for i in chosen if kinds.count(kinds[i]) == 1 and kinds[i][0] not in checked]
+        if once:  # a layer class never seen twice: nothing shows that its code ignores its index
+            raise _Refuse(f"layer {once[0]} is the only one of its class")
         start = time.perf_counter()
-        shallow = shallow_model(model, 2 * p, path)
+        shallow = shallow_model(model, chosen, path)
         shallow_layers = shallow.get_submodule(path)
-        for j in range(2 * p):
-            if layer_kind(shallow, shallow_layers, j) != layer_kind(model, layers, j):
-                raise _Refuse(f"layer {j} of the shallow copy differs from the model's")
+        for j, i in enumerate(chosen):
+            if layer_kind(shallow, shallow_layers, j) != kinds[i]:
+                raise _Refuse(f"layer {j} of the shallow copy differs from the model's layer {i}")
         ep = export_model(shallow, batch=batch, seq=seq)
         root, graph = unlift(ep, shallow)
         if any(name != HF_ROOT for name, _ in root.named_children()):
             raise _Refuse("the capture holds submodules of its own")
-        constants = _prologue_constants(root, graph, path)
+        constants = _prologue_constants(root)
         device = next((t.device for t in model.parameters()), torch.device("cpu"))
-        graph = stitch(graph, path, len(layers), p, device)
+        graph = stitch(graph, path, kinds, chosen, device, constants)
         graph.lint()
     except _Refuse as why:
         log.info("stitching %s does not apply (%s); capturing every layer", type(model).__name__, why)
@@ -308,5 +411,6 @@ def capture_stitched(model, path: str, export_model, unlift, *, batch: int, seq:
     root.add_module(HF_ROOT, model)
     for name, value in constants.items():
         root.register_buffer(name, value, persistent=False)
-    note = f"stitched: captured {2 * p} of {len(layers)} layers (period {p}) in {time.perf_counter() - start:.1f}s"
+    note = (f"stitched: captured {len(chosen)} of {len(layers)} layers ({len(set(kinds))} layer kinds) "
+            f"in {time.perf_counter() - start:.1f}s")
     return root, graph, [note]

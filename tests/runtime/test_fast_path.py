@@ -13,7 +13,7 @@ from torch.profiler import ProfilerActivity, profile
 import fxbridge as bridge
 from conftest import traced
 from fxbridge.runtime import attention, cores
-from tiny import COMMON, build_from_config, left_padded, tokens
+from tiny import COMMON, FALCON, build_from_config, left_padded, tokens
 
 TOL = 1e-5
 
@@ -205,22 +205,45 @@ def _deeper(config, n_layers: int):
 
 
 
-@pytest.mark.parametrize("make,n_layers,period", [
-    (lambda: tf.LlamaConfig(**COMMON), 5, 1),
+def _falcon(**flags):
+    return lambda: tf.FalconConfig(**dict(FALCON, **flags))
+
+
+@pytest.mark.parametrize("make,n_layers,sampled", [
+    (lambda: tf.LlamaConfig(**COMMON), 5, 2),
     (lambda: tf.Gemma2Config(**dict(COMMON, num_hidden_layers=2, sliding_window=4, query_pre_attn_scalar=20,
                                     layer_types=["sliding_attention", "full_attention"]),
-                             attn_logit_softcapping=5.0, final_logit_softcapping=3.0), 6, 2),
-], ids=["llama", "gemma2"])
-def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, period):
+                             attn_logit_softcapping=5.0, final_logit_softcapping=3.0), 6, 4),
+    # a per-layer pattern of period 3 that does not divide the depth (2 sliding : 1 full, 8 layers): layers 0 1 2 5
+    (lambda: tf.Gemma3TextConfig(**dict(COMMON, num_hidden_layers=3, sliding_window=4, query_pre_attn_scalar=20,
+                                        layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+     8, 4),
+    # 5 sliding : 1 full at 8 layers: the one full layer is captured as it is (layers 0 1 5)
+    (lambda: tf.Gemma3TextConfig(**dict(COMMON, num_hidden_layers=6, sliding_window=4, query_pre_attn_scalar=20,
+                                        layer_types=["sliding_attention"] * 5 + ["full_attention"])), 8, 3),
+    # Falcon: inline attention whose layers each make their own index constants (t[..., [-2], :])
+    (_falcon(new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False, bias=False), 5, 2),
+    (_falcon(new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True, bias=True), 5, 2),
+    (_falcon(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=8), 5, 2),
+    # Gemma 4 (no per-layer embeddings): the last sliding and the last full layer store their k/v, so they are
+    # kinds of their own, captured as they are (layers 0 1 2 3 6 7); per_layer_config is keyed by layer index
+    pytest.param(lambda: tf.Gemma4TextConfig(**dict(
+        COMMON, num_hidden_layers=8, sliding_window=4, global_head_dim=32, hidden_size_per_layer_input=0,
+        layer_types=["sliding_attention", "full_attention"] * 4)), 8, 6,
+        marks=pytest.mark.skipif(not hasattr(tf, "Gemma4TextConfig"), reason="transformers < 5.5")),
+], ids=["llama", "gemma2", "gemma3_period3", "gemma3_5to1", "falcon_7b", "falcon_rw_alibi", "falcon_40b", "gemma4"])
+def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, sampled):
+    from fxbridge.architectures import get_spec
     from fxbridge.tracer import capture
     model = build_from_config(_deeper(make(), n_layers))
+    path = get_spec(model).layers
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("eager")
-    captured = capture(model, layers="model.layers")
-    assert captured.notes[0].startswith(f"stitched: captured {2 * period} of {n_layers} layers")
+    captured = capture(model, layers=path)
+    assert captured.notes[0].startswith(f"stitched: captured {sampled} of {n_layers} layers")
     stitched = bridge.trace(model)
     monkeypatch.setenv("FXBRIDGE_STITCH", "0")
-    assert capture(model, layers="model.layers").notes == ["captured every layer"]
+    assert capture(model, layers=path).notes == ["captured every layer"]
     full = bridge.trace(model)
     assert list(stitched.hook_dict) == list(full.hook_dict)
     ops = lambda gm: [(n.op, str(n.target)) for n in gm.graph.nodes if n.op != "get_attr"]
@@ -232,9 +255,11 @@ def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, perio
     assert torch.equal(a, b)
     assert (a - expected)[mask.bool()].abs().max().item() < TOL
     # the stitched layers read their own weights: an edit to the last layer changes only the stitched result's tail
+    last = model.get_submodule(f"{path}.{n_layers - 1}")
+    name = next(n for n, _ in last.named_parameters() if n.endswith("weight") and "norm" not in n and "ln" not in n)
     with torch.no_grad():
-        model.get_submodule(f"model.layers.{n_layers - 1}.mlp.down_proj").weight.mul_(2.0)
-        ref.get_submodule(f"model.layers.{n_layers - 1}.mlp.down_proj").weight.mul_(2.0)
+        last.get_parameter(name).mul_(2.0)
+        ref.get_submodule(f"{path}.{n_layers - 1}").get_parameter(name).mul_(2.0)
         assert (stitched(ids, attention_mask=mask) - ref(ids, attention_mask=mask).logits)[mask.bool()].abs().max() < TOL
 
 
@@ -250,3 +275,4 @@ def test_layers_whose_code_depends_on_their_index_are_not_stitched():
     ids = tokens(2, 7)
     with torch.no_grad():
         assert (gm(ids) - ref(ids).logits).abs().max().item() < TOL
+
