@@ -48,6 +48,7 @@ class ArchSpec:
     # layout facts
     norm: str = "rms"  # "rms" | "layernorm"
     rotary: bool = True
+    nope_layers: tuple[int, ...] = ()  # rotary models: layers without RoPE (no hook_rot_q/k there)
     parallel: bool = False  # attention and MLP both read resid_pre (no hook_resid_mid)
     final_softcap_config: str | None = None  # config attribute holding the final-logit softcap
     # facts that config flags choose (Falcon, GPTBigCode): config -> {field: value} applied by for_config
@@ -55,6 +56,7 @@ class ArchSpec:
     # sizes only this family has or computes its own way: config -> {dim: size}, added to dims_from_config's
     dims_of: Callable[[object], dict[str, int]] | None = None
     notes: str = ""
+    inferred: bool = False  # read from the model by architectures/infer.py, not registered (trace verifies it)
     # names the installed transformers must export for this family (its config class): where one is missing
     # (a family newer than the installed transformers) the spec is not listed and get_spec says so
     requires: tuple[str, ...] = ()

@@ -49,7 +49,7 @@ def hook_attention(ctx: PassContext) -> int:
         core.meta["fxbridge_pass"] = ctx.current_pass
         node.replace_all_uses_with(core)
         graph.erase_node(node)
-        if spec.rotary:
+        if spec.rotary and layer not in spec.nope_layers:
             for arg, hook in ((q, "attn.hook_rot_q"), (k, "attn.hook_rot_k")):
                 hook_viewed(ctx, arg, hook_name(hook, layer), to_hook=SWAP_HEADS_POS[0], from_hook=SWAP_HEADS_POS[1],
                             scope=attn_path, users=[core], hf_module=attn_path)

@@ -87,6 +87,8 @@ def hook_norms(ctx: PassContext) -> int:
     found = 0
     for prefix, path in norm_sites(ctx.spec, ctx.dims):
         nodes = ModuleRegion.of(ctx.graph, path).nodes
+        if prefix == "ln_final":  # its module's last call (NanoChat also normalises the embeddings with it)
+            nodes = nodes[::-1]
         if not rewrite(ctx, prefix, nodes):
             raise NoMatch(path, _FORMS[ctx.spec.norm], f"none among its {len(nodes)} nodes")
         core = ctx.root.get_submodule(prefix)
