@@ -35,11 +35,13 @@ from torch import fx
 from ..errors import UnsupportedArchitecture, VerificationError
 from ..tracer.attention_op import AttentionCall
 from ..tracer.graph_facts import ModuleRegion, layer_index, module_stack
-from .spec import ArchSpec
+from ..passes import remove_eval_dropout
+from .spec import DEFAULT_PASSES, ArchSpec
 
 aten = torch.ops.aten
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.contiguous.default,
-          aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.alias.default, aten.type_as.default}
+          aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.alias.default, aten.type_as.default,
+          aten.dropout.default}  # (captured in eval mode: dropout(train=False) is its input)
 _ADDS = {aten.add.Tensor}
 _MULS = {aten.mul.Tensor}
 
@@ -422,13 +424,23 @@ def infer(model) -> Inferred:
             emb_norm = r.output_through_views(x0, norm=True)
             if emb_norm is None or emb_out not in r.region(emb_norm).inputs:
                 raise InferenceFailed(f"layer 0's residual input is not the token embedding ({embed}) output")
+        # functional eval-mode dropout in the layers (Seed-OSS's residual dropout): removed by a pass first
+        drops = [0] * n
+        for node in captured.graph.find_nodes(op="call_function", target=aten.dropout.default):
+            if (i := layer_index(node, layers)) is not None:
+                drops[i] += 1
+        if len(set(drops)) != 1:
+            raise InferenceFailed(f"the layers call dropout different numbers of times ({drops})")
+        passes = ((remove_eval_dropout(per_layer=drops[0]),) if drops[0] else ()) + DEFAULT_PASSES
         rotary = [f["rotary_here"] for f in per_layer]
         f0 = {k: per_layer[0][k] for k in keys}
         spec = ArchSpec(model_types=(str(model.config.model_type),), family=f"inferred from {type(model).__name__}",
                         layers=layers, embed=embed, pos_embed=pos, final_norm=final, unembed=unembed,
                         rotary=any(rotary), nope_layers=tuple(i for i, v in enumerate(rotary) if not v)
-                        if any(rotary) else (), inferred=True, **f0)
+                        if any(rotary) else (), inferred=True, passes=passes, **f0)
         facts = [f"read from {type(model).__name__}'s module tree and {len(calls)} attention calls"]
+        if drops[0]:
+            facts.append(f"{drops[0]} eval-mode dropout call(s) per layer, removed (remove_eval_dropout)")
         if emb_norm is not None:
             facts.append(f"the embeddings are normalised by {emb_norm} before layer 0 (blocks.0.hook_resid_pre is "
                          "after that norm)")

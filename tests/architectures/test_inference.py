@@ -129,8 +129,9 @@ def test_inferred_route_matches_hf_and_the_registered_route(model_type):
     nope = EXPECTED[model_type]["nope_layers"]
     for i in range(n):  # NoPE layers have no rot hooks, the others do
         assert (f"blocks.{i}.attn.hook_rot_q" in hooks) == (i not in nope)
-        assert hooks[f"blocks.{i}.attn.hook_q"].shape == (2, 9, model.config.num_attention_heads, 16)
-        assert hooks[f"blocks.{i}.attn.hook_k"].shape == (2, 9, model.config.num_key_value_heads, 16)
+        d_head = model.config.head_dim
+        assert hooks[f"blocks.{i}.attn.hook_q"].shape == (2, 9, model.config.num_attention_heads, d_head)
+        assert hooks[f"blocks.{i}.attn.hook_k"].shape == (2, 9, model.config.num_key_value_heads, d_head)
         assert (f"blocks.{i}.mlp.hook_pre_linear" in hooks) == (EXPECTED[model_type]["mlp_gate"] is not None)
 
     if registered is None:
