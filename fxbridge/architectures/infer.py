@@ -35,7 +35,8 @@ from torch import fx
 from ..errors import UnsupportedArchitecture, VerificationError
 from ..tracer.attention_op import AttentionCall
 from ..tracer.graph_facts import ModuleRegion, layer_index, module_stack
-from ..passes import remove_eval_dropout
+from ..passes import hook_final_softcap, remove_eval_dropout
+from ..passes.hook_final_softcap import match_softcap
 from .spec import DEFAULT_PASSES, ArchSpec
 
 aten = torch.ops.aten
@@ -74,7 +75,8 @@ def describe(spec: ArchSpec, facts: list[str] | None = None) -> str:
              + f"in {spec.mlp_in}, out {spec.mlp_out})",
              f"norm {spec.norm}, rotary {spec.rotary}" + (f" (NoPE layers {list(spec.nope_layers)})"
                                                            if spec.nope_layers else "")
-             + f", {'parallel' if spec.parallel else 'sequential'} blocks"]
+             + f", {'parallel' if spec.parallel else 'sequential'} blocks"
+             + (f", final softcap config.{spec.final_softcap_config}" if spec.final_softcap_config else "")]
     return "\n".join(lines + list(facts or ()))
 
 
@@ -345,6 +347,27 @@ def _layer_facts(r: _Reader, i: int, call: AttentionCall) -> dict:
     return facts
 
 
+def _final_softcap(r: _Reader, unembed: str, config) -> str | None:
+    """The config attribute holding the final-logit softcap, where the logits go through ``cap * tanh(x / cap)``:
+    the one whose value is the graph's cap (read from the graph, not from the name)."""
+    x = r.region(unembed).output
+    while True:
+        found = match_softcap(x)
+        views = [u for u in x.users if u.op == "call_function" and u.target in _VIEWS]
+        if found is not None or len(x.users) != 1 or not views:
+            break
+        x = views[0]
+    if found is None:
+        return None
+    cap = found[1]
+    names = [k for k, v in config.to_dict().items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and abs(float(v) - cap) <= 1e-6 * max(abs(cap), 1.0) and "softcap" in k]
+    if len(names) != 1:
+        raise InferenceFailed(f"the logits are soft-capped at {cap}, and {len(names)} config softcap attributes "
+                              f"hold that value ({', '.join(names) or 'none'})")
+    return names[0]
+
+
 def _layers_path(model) -> str:
     n = int(getattr(model.config, "num_hidden_layers", -1))
     lists = [p for p, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n
@@ -432,12 +455,16 @@ def infer(model) -> Inferred:
         if len(set(drops)) != 1:
             raise InferenceFailed(f"the layers call dropout different numbers of times ({drops})")
         passes = ((remove_eval_dropout(per_layer=drops[0]),) if drops[0] else ()) + DEFAULT_PASSES
+        softcap = _final_softcap(r, unembed, model.config)
+        if softcap:
+            passes += (hook_final_softcap,)
         rotary = [f["rotary_here"] for f in per_layer]
         f0 = {k: per_layer[0][k] for k in keys}
         spec = ArchSpec(model_types=(str(model.config.model_type),), family=f"inferred from {type(model).__name__}",
                         layers=layers, embed=embed, pos_embed=pos, final_norm=final, unembed=unembed,
                         rotary=any(rotary), nope_layers=tuple(i for i, v in enumerate(rotary) if not v)
-                        if any(rotary) else (), inferred=True, passes=passes, **f0)
+                        if any(rotary) else (), inferred=True, passes=passes,
+                        final_softcap_config=softcap, **f0)
         facts = [f"read from {type(model).__name__}'s module tree and {len(calls)} attention calls"]
         if drops[0]:
             facts.append(f"{drops[0]} eval-mode dropout call(s) per layer, removed (remove_eval_dropout)")

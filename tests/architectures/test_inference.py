@@ -28,7 +28,7 @@ LLAMA_LIKE = dict(COMMON, pad_token_id=0)
 LOCAL = {t: LLAMA_LIKE for t in ("exaone", "internlm3", "ministral", "ministral3", "helium", "seed_oss", "ernie4_5",
                                  "jais2", "nanochat", "apertus", "arcee", "nemotron", "hunyuan_v1_dense")}
 LOCAL["smollm3"] = dict(LLAMA_LIKE, no_rope_layers=[1, 0, 1])  # layer 1 is NoPE
-REGISTERED = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+REGISTERED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 FAMILIES = REGISTERED + tuple(LOCAL)
 
 # What the HF modelling code says (hand-written): fields of the inferred spec that differ from Llama's defaults.
@@ -42,7 +42,11 @@ EXPECTED.update({
     "apertus": dict(PLAIN, ln1="attention_layernorm", ln2="feedforward_layernorm"),  # xIELU
     "nanochat": dict(PLAIN, mlp_in="fc1", mlp_out="fc2"),  # weightless RMSNorm, also on the embeddings
     "smollm3": dict(GATED, nope_layers=(1,)),
+    # sandwich norms; the final softcap's config attribute found by its value (3.0 in the tiny configs)
+    "gemma2": dict(GATED, ln1_post="post_attention_layernorm", ln2="pre_feedforward_layernorm",
+                   ln2_post="post_feedforward_layernorm", final_softcap_config="final_logit_softcapping"),
 })
+EXPECTED["gemma3_text"] = EXPECTED["gemma2"]
 
 
 def _config(model_type: str):
@@ -99,7 +103,7 @@ def test_inferred_spec_is_what_hf_computes(model_type):
     expected = dict(layers="model.layers", embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head",
                     ln1="input_layernorm", ln2="post_attention_layernorm", ln1_post=None, ln2_post=None,
                     attn="self_attn", q="q_proj", k="k_proj", v="v_proj", o_proj="o_proj", mlp="mlp", rotary=True,
-                    parallel=False, pos_embed=None, qkv=None)
+                    parallel=False, pos_embed=None, qkv=None, final_softcap_config=None)
     expected.update(EXPECTED[model_type])
     assert {k: getattr(spec, k) for k in expected} == expected
 
