@@ -220,10 +220,10 @@ def _rel(path: str, base: str) -> str:
     return path[len(base) + 1:]
 
 
-def _norm_reading(r: _Reader, node: fx.Node, base: str) -> str | None:
+def _norm_reading(r: _Reader, node: fx.Node, base: str, exclude: str | None = None) -> str | None:
     """The norm module under ``base`` that reads ``node`` (one of its users is inside it), if exactly one."""
     found = {p for u in node.users for p in module_stack(u)[::-1][:1]
-             if p and p.startswith(base + ".") and r.norm_kind(p)}
+             if p and p.startswith(base + ".") and p != exclude and r.norm_kind(p)}
     found = {p for p in found if r.region(p).output is not None}
     return found.pop() if len(found) == 1 else None
 
@@ -234,6 +234,19 @@ def _branch_end(r: _Reader, out: fx.Node, base: str, where: str) -> tuple[fx.Nod
     if post is not None and r.region(post).inputs == (out,):
         return r.region(post).output, post
     return out, None
+
+
+def _add_leaves(r: _Reader, node: fx.Node, keep: set) -> list[fx.Node]:
+    """The summands of a tree of adds ending in ``node``, down to the values in ``keep`` (views looked through)."""
+    leaves = [r.strip(node)]
+    while len(leaves) < len(keep):
+        adds = [k for k, leaf in enumerate(leaves)
+                if leaf not in keep and leaf.target in _ADDS and len(leaf.all_input_nodes) == 2]
+        if not adds:
+            break
+        leaf = leaves.pop(adds[0])
+        leaves[adds[0]:adds[0]] = [r.strip(a) for a in leaf.all_input_nodes]
+    return leaves
 
 
 def _residual_add(r: _Reader, x: fx.Node, branch: fx.Node) -> fx.Node | None:
@@ -291,18 +304,23 @@ def _layer_facts(r: _Reader, i: int, call: AttentionCall) -> dict:
     attn_end, ln1_post = _branch_end(r, attn_out, base, where)
     facts["ln1_post"] = ln1_post and _rel(ln1_post, base)
     mid = _residual_add(r, x, attn_end)
-    if mid is None:
-        raise InferenceFailed(f"layer {i}: the attention branch (hook_attn_out, {attn_end.name}) is not added to the "
-                              "layer's input (hook_resid_pre) by one add: parallel or scaled residual blocks are not "
-                              "inferred")
-    # MLP: the norm that reads resid_mid, the Linears that read it
-    ln2 = _norm_reading(r, mid, base)
-    if ln2 is None or r.norm_kind(ln2) != kind:
-        raise InferenceFailed(f"layer {i}: no {kind} norm reads resid_mid (hook_resid_mid, {mid.name}): no pre-MLP "
-                              "norm ln2 (a parallel block, whose MLP reads resid_pre, is not inferred)")
-    facts["ln2"] = _rel(ln2, base)
-    ln2_out = r.region(ln2).output
-    readers = r.linear_readers(ln2_out, base)
+    ln2 = _norm_reading(r, mid, base) if mid is not None else None
+    if ln2 is not None and r.norm_kind(ln2) == kind:  # sequential: the MLP's norm reads resid_mid
+        ln2_out = r.region(ln2).output
+    else:  # parallel: the MLP reads ln1's output, or a norm of its own of resid_pre
+        added, mid, ln2, ln2_out = mid is not None, None, None, ln1_out
+        if not r.linear_readers(ln1_out, base) - set(projs.values()):
+            ln2 = _norm_reading(r, x, base, exclude=ln1)
+            if ln2 is None or r.norm_kind(ln2) != kind:
+                raise InferenceFailed(
+                    f"layer {i}: " + (f"the attention branch (hook_attn_out, {attn_end.name}) is not added to the "
+                                      "layer's input (hook_resid_pre) by one add" if not added else
+                                      f"no {kind} norm reads resid_mid (hook_resid_mid) = resid_pre + attn_out")
+                    + ", and no norm of the layer's input feeds an MLP: neither a sequential nor a parallel block")
+            ln2_out = r.region(ln2).output
+    facts["parallel"] = mid is None
+    facts["ln2"] = ln2 and _rel(ln2, base)
+    readers = r.linear_readers(ln2_out, base) - set(projs.values())
     if not readers:
         raise InferenceFailed(f"layer {i}: no Linear reads ln2 ({ln2})'s output")
     mlp_paths = {p.rsplit(".", 1)[0] for p in readers}
@@ -336,13 +354,18 @@ def _layer_facts(r: _Reader, i: int, call: AttentionCall) -> dict:
                               "expected one (plain MLP) or two (gate and up)")
     mlp_end, ln2_post = _branch_end(r, mlp_out, base, where)
     facts["ln2_post"] = ln2_post and _rel(ln2_post, base)
-    post = _residual_add(r, mid, mlp_end)
-    if post is None:
-        raise InferenceFailed(f"layer {i}: the MLP branch (hook_mlp_out, {mlp_end.name}) is not added to "
+    out = r.strip(r.region(base).output)
+    if mid is not None:
+        post = _residual_add(r, mid, mlp_end)
+        if post is None:
+            raise InferenceFailed(f"layer {i}: the MLP branch (hook_mlp_out, {mlp_end.name}) is not added to "
                                   "resid_mid by one add")
-    if r.strip(r.region(base).output) is not post:
-        raise InferenceFailed(f"layer {i}: the layer's output (hook_resid_post) is not resid_mid + the MLP branch "
-                              f"(hook_resid_mid + hook_mlp_out)")
+        if out is not post:
+            raise InferenceFailed(f"layer {i}: the layer's output (hook_resid_post) is not resid_mid + the MLP "
+                                  "branch (hook_resid_mid + hook_mlp_out)")
+    elif set(_add_leaves(r, out, keep := {r.strip(n) for n in (x, attn_end, mlp_end)})) != keep:
+        raise InferenceFailed(f"layer {i}: the layer's output (hook_resid_post) is not resid_pre + the attention "
+                              "branch + the MLP branch (hook_resid_pre + hook_attn_out + hook_mlp_out)")
     facts["resid_pre"] = x
     return facts
 

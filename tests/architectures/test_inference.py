@@ -226,15 +226,34 @@ def test_divergence_from_hf_is_refused_naming_layer_and_hook():
     assert verify_inferred(gm, model)
 
 
-def test_parallel_block_is_not_inferred_and_says_where():
+def test_parallel_block_is_inferred():
     def forward(self, hidden_states, **kwargs):
         kwargs.pop("use_cache", None)
-        h = self.input_layernorm(hidden_states)
-        attn = self.self_attn(hidden_states=h, **kwargs)[0]
-        return hidden_states + attn + self.mlp(h)
+        h = self.input_layernorm(hidden_states)  # one norm feeds both branches (GPT-J / Phi / Cohere style)
+        return hidden_states + self.self_attn(hidden_states=h, **kwargs)[0] + self.mlp(h)
 
-    with pytest.raises(UnsupportedArchitecture, match=r"layer 0: no rms norm reads resid_mid \(hook_resid_mid, "
-                                                      r"add_\d+\): no pre-MLP norm ln2"):
+    model = _custom(forward)
+    gm, warned = _trace(model)
+    assert gm.spec.parallel and gm.spec.ln2 is None and len(warned) == 1
+    ids = tokens(2, 7)
+    with torch.no_grad():
+        assert (gm(ids) - model(ids).logits).abs().max().item() < TOL
+    _, hooks = _hooks(gm, ids)
+    assert not any("resid_mid" in k or "ln2" in k for k in hooks)
+    for i in range(3):  # resid_post = resid_pre + attn_out + mlp_out, by hand
+        total = hooks[f"blocks.{i}.hook_resid_pre"] + hooks[f"blocks.{i}.hook_attn_out"] + hooks[
+            f"blocks.{i}.hook_mlp_out"]
+        assert (hooks[f"blocks.{i}.hook_resid_post"] - total).abs().max().item() < TOL
+
+
+def test_scaled_residual_is_refused_naming_layer_and_hook():
+    def forward(self, hidden_states, **kwargs):
+        kwargs.pop("use_cache", None)
+        mid = hidden_states + 0.5 * _attn(self, hidden_states, kwargs)  # a residual multiplier
+        return mid + self.mlp(self.post_attention_layernorm(mid))
+
+    with pytest.raises(UnsupportedArchitecture, match=r"layer 0: the attention branch \(hook_attn_out, linear_3\) is "
+                                                      r"not added to the layer's input \(hook_resid_pre\)"):
         fxbridge.trace(_custom(forward))
 
 
