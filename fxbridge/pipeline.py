@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .architectures import dims_from_config, get_spec
-from .errors import InferredSpecWarning, UnsupportedArchitecture, UnsupportedModel, UsageError
+from .errors import InferredSpecWarning, PatternNotFound, UnsupportedArchitecture, UnsupportedModel, UsageError
 from .passes import PassContext, PassResult, run_passes
 from .runtime.module import HookedGraphModule
 from .tracer import capture
@@ -89,7 +89,13 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
         if say:
             say(f"captured {len(captured.graph.nodes)} nodes in {captured.seconds:.1f}s; rewriting")
         ctx = PassContext(captured.graph, captured.root, spec, dims, model.config)
-        results = run_passes(ctx, spec.pipeline(use_attn_result=use_attn_result), progress=say)
+        try:
+            results = run_passes(ctx, spec.pipeline(use_attn_result=use_attn_result), progress=say)
+        except PatternNotFound as exc:
+            if not spec.inferred:
+                raise
+            from .architectures.infer import unsupported
+            raise unsupported(model, f"the inferred spec does not fit the graph: {exc}") from None
         report = TraceReport(spec.model_type, captured.seconds, results, capture_notes=list(captured.notes))
         if spec.inferred:
             from .architectures.infer import describe

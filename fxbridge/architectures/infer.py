@@ -418,7 +418,8 @@ def _eval(model):
             m.training = training
 
 
-def _fail(model, reason: str) -> UnsupportedArchitecture:
+def unsupported(model, reason: str) -> UnsupportedArchitecture:
+    """The UnsupportedArchitecture for ``model`` whose spec could not be inferred or verified, saying why."""
     from . import supported_architectures
     return UnsupportedArchitecture(str(getattr(model.config, "model_type", None)), supported_architectures(),
                                    inferred_from=type(model).__name__, reason=reason)
@@ -496,7 +497,7 @@ def infer(model) -> Inferred:
                          "after that norm)")
         return Inferred(spec.for_config(model.config), captured, facts)
     except InferenceFailed as exc:
-        raise _fail(model, f"could not infer a spec: {exc}") from None
+        raise unsupported(model, f"could not infer a spec: {exc}") from None
 
 
 def infer_spec(model) -> ArchSpec:
@@ -513,7 +514,7 @@ def verify_inferred(gm, model, *, seed: int = 0) -> dict[str, float]:
     try:
         diffs = verify(gm, model, seed=seed)  # hook_resid_post vs HF layer outputs, then the logits
     except VerificationError as exc:
-        raise _fail(model, f"the inferred spec does not verify: {exc.where} diverges from HF "
+        raise unsupported(model, f"the inferred spec does not verify: {exc.where} diverges from HF "
                            f"(max diff {exc.max_diff:.3e} > {exc.tolerance:.1e})") from None
     spec, n = gm.spec, int(gm.dims["n_layers"])
     gen = torch.Generator().manual_seed(seed + 1)
@@ -548,9 +549,9 @@ def verify_inferred(gm, model, *, seed: int = 0) -> dict[str, float]:
             bound = tol * (1.0 + ref.abs().max().item())
             diffs[f"{hook_name(short, i)} = {what}"] = diff
             if not diff <= bound:
-                raise _fail(model, f"the inferred spec does not verify: layer {i} ({spec.layer(i)}), "
+                raise unsupported(model, f"the inferred spec does not verify: layer {i} ({spec.layer(i)}), "
                                    f"{hook_name(short, i)} != {what} (max diff {diff:.3e} > {bound:.1e})")
     return diffs
 
 
-__all__ = ["Inferred", "describe", "infer", "infer_spec", "verify_inferred"]
+__all__ = ["Inferred", "describe", "infer", "infer_spec", "unsupported", "verify_inferred"]

@@ -28,6 +28,10 @@ LLAMA_LIKE = dict(COMMON, pad_token_id=0)
 LOCAL = {t: LLAMA_LIKE for t in ("exaone", "internlm3", "ministral", "ministral3", "helium", "seed_oss", "ernie4_5",
                                  "jais2", "nanochat", "apertus", "arcee", "nemotron", "hunyuan_v1_dense")}
 LOCAL["smollm3"] = dict(LLAMA_LIKE, no_rope_layers=[1, 0, 1])  # layer 1 is NoPE
+# parallel blocks: GPT-J (one LayerNorm for both branches, partial interleaved rotary), Phi (partial rotary)
+LOCAL["gptj"] = dict(vocab_size=101, n_embd=64, n_head=4, n_layer=3, rotary_dim=8, n_positions=128,
+                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+LOCAL["phi"] = dict(LLAMA_LIKE, bos_token_id=0, eos_token_id=0)
 REGISTERED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 FAMILIES = REGISTERED + tuple(LOCAL)
 
@@ -47,6 +51,10 @@ EXPECTED.update({
                    ln2_post="post_feedforward_layernorm", final_softcap_config="final_logit_softcapping"),
 })
 EXPECTED["gemma3_text"] = EXPECTED["gemma2"]
+_PARALLEL = dict(PLAIN, norm="layernorm", parallel=True, ln2=None)
+EXPECTED["gptj"] = dict(_PARALLEL, layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f",
+                        ln1="ln_1", attn="attn", o_proj="out_proj", mlp_in="fc_in", mlp_out="fc_out")
+EXPECTED["phi"] = dict(_PARALLEL, final_norm="model.final_layernorm", o_proj="dense", mlp_in="fc1", mlp_out="fc2")
 
 
 def _config(model_type: str):
@@ -133,9 +141,12 @@ def test_inferred_route_matches_hf_and_the_registered_route(model_type):
     nope = EXPECTED[model_type]["nope_layers"]
     for i in range(n):  # NoPE layers have no rot hooks, the others do
         assert (f"blocks.{i}.attn.hook_rot_q" in hooks) == (i not in nope)
-        d_head = model.config.head_dim
-        assert hooks[f"blocks.{i}.attn.hook_q"].shape == (2, 9, model.config.num_attention_heads, d_head)
-        assert hooks[f"blocks.{i}.attn.hook_k"].shape == (2, 9, model.config.num_key_value_heads, d_head)
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        assert hooks[f"blocks.{i}.attn.hook_q"].shape == (2, 9, heads, d_head)
+        assert hooks[f"blocks.{i}.attn.hook_k"].shape == (2, 9, getattr(cfg, "num_key_value_heads", heads), d_head)
+        assert (f"blocks.{i}.hook_resid_mid" in hooks) == (not EXPECTED[model_type].get("parallel", False))
         assert (f"blocks.{i}.mlp.hook_pre_linear" in hooks) == (EXPECTED[model_type]["mlp_gate"] is not None)
 
     if registered is None:
@@ -255,6 +266,16 @@ def test_scaled_residual_is_refused_naming_layer_and_hook():
     with pytest.raises(UnsupportedArchitecture, match=r"layer 0: the attention branch \(hook_attn_out, linear_3\) is "
                                                       r"not added to the layer's input \(hook_resid_pre\)"):
         fxbridge.trace(_custom(forward))
+
+
+def test_a_spec_that_does_not_fit_the_graph_is_refused_naming_pass_and_module():
+    """Cohere's LayerNorm is written by hand (mean, rsqrt): not HF's RMSNorm nor a layer_norm call."""
+    if "cohere" not in CONFIG_MAPPING or "cohere" in REGISTRY:
+        pytest.skip("cohere is registered or missing")
+    model = build_from_config(CONFIG_MAPPING["cohere"](**LLAMA_LIKE))
+    with pytest.raises(UnsupportedArchitecture, match=r"the inferred spec does not fit the graph: pass 'hook_norms' "
+                                                      r"in model\.layers\.0\.input_layernorm"):
+        fxbridge.trace(model)
 
 
 def test_fused_qkv_family_is_refused_naming_the_projection():
