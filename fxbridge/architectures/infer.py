@@ -229,7 +229,10 @@ def _norm_reading(r: _Reader, node: fx.Node, base: str, exclude: str | None = No
 
 
 def _branch_end(r: _Reader, out: fx.Node, base: str, where: str) -> tuple[fx.Node, str | None]:
-    """A branch's output as added to the residual: the module's output, or that of a norm reading it right after."""
+    """A branch's output as added to the residual: the module's output, or that of a norm reading it right after
+    (eval-mode functional dropout after it looked through: remove_eval_dropout removes it)."""
+    while len(out.users) == 1 and next(iter(out.users)).target == aten.dropout.default:
+        out = next(iter(out.users))
     post = _norm_reading(r, out, base)
     if post is not None and r.region(post).inputs == (out,):
         return r.region(post).output, post

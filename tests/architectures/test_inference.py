@@ -44,7 +44,8 @@ EXPECTED.update({
     "nemotron": dict(PLAIN, norm="layernorm"),  # LayerNorm1P: layer_norm(x, w + 1, b)
     "arcee": PLAIN,
     "apertus": dict(PLAIN, ln1="attention_layernorm", ln2="feedforward_layernorm"),  # xIELU
-    "nanochat": dict(PLAIN, mlp_in="fc1", mlp_out="fc2"),  # weightless RMSNorm, also on the embeddings
+    # weightless RMSNorm, also on the embeddings; final-logit softcap
+    "nanochat": dict(PLAIN, mlp_in="fc1", mlp_out="fc2", final_softcap_config="final_logit_softcapping"),
     "smollm3": dict(GATED, nope_layers=(1,)),
     # sandwich norms; the final softcap's config attribute found by its value (3.0 in the tiny configs)
     "gemma2": dict(GATED, ln1_post="post_attention_layernorm", ln2="pre_feedforward_layernorm",
