@@ -47,6 +47,13 @@ def get_spec(model_or_config) -> ArchSpec:
     return spec.for_config(config)
 
 
+def infer_spec(model) -> ArchSpec:
+    """An ArchSpec inferred from ``model``'s module tree and captured graph (see infer.py); not yet verified --
+    ``fxbridge.trace(model, spec=infer_spec(model))`` verifies it against the model before using it."""
+    from .infer import infer_spec as infer
+    return infer(model)
+
+
 def _spec_of_class(model_or_config, config, model_type) -> ArchSpec | None:
     """Route 1 for an unregistered model_type: the registered spec whose causal-LM class the model is (EXAONE and
     InternLM3 checkpoints load as LlamaForCausalLM), with an InferredSpecWarning. Spec inference (route 2, which
@@ -71,5 +78,5 @@ def _spec_of_class(model_or_config, config, model_type) -> ArchSpec | None:
     return None
 
 
-__all__ = ["ArchSpec", "REGISTRY", "dims_from_config", "get_spec", "missing_from_transformers",
+__all__ = ["ArchSpec", "REGISTRY", "dims_from_config", "get_spec", "infer_spec", "missing_from_transformers",
            "supported_architectures"]
