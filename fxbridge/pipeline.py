@@ -65,6 +65,7 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
     ``spec=`` traces with that ArchSpec instead of the registered one (an inferred spec is verified likewise).
     """
     check_traceable(model)
+    start = time.perf_counter()  # an inferred spec's capture and verification count too
     inferred = None
     if spec is None:
         try:
@@ -78,7 +79,6 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
     check_lm_head(model, spec)
     dims = dims_from_config(model.config, spec)
     say = _progress_printer(progress)
-    start = time.perf_counter()
     modes = {m: m.training for m in model.modules()}
     param = next(iter(model.parameters()), None)
     try:
