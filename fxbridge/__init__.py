@@ -6,9 +6,9 @@
     bridge.export(gm, "layer3.svg", layer=3)      # also .dot / .json / .graphml; bridge.to_networkx(gm)
 """
 from .architectures import supported_architectures
-from .errors import (CaptureError, FxBridgeError, HookShapeError, MissingDependency, ModelLoadError, NotTracedError,
-                     PassOrderError, PatternNotFound, UnsupportedArchitecture, UnsupportedModel, UsageError,
-                     VerificationError)
+from .errors import (CaptureError, FxBridgeError, HookShapeError, InferredSpecWarning, MissingDependency,
+                     ModelLoadError, NotTracedError, PassOrderError, PatternNotFound, UnsupportedArchitecture,
+                     UnsupportedModel, UsageError, VerificationError)
 from .exporter import export, to_networkx
 from .runtime import ActivationCache, HookedGraphModule, HookPoint, get_act_name
 from .pipeline import TraceReport, trace
@@ -16,6 +16,7 @@ from .pipeline import TraceReport, trace
 __version__ = "0.1.0"
 
 __all__ = ["ActivationCache", "CaptureError", "FxBridgeError", "HookPoint", "HookShapeError", "HookedGraphModule",
+           "InferredSpecWarning",
            "MissingDependency", "ModelLoadError", "NotTracedError", "PassOrderError", "PatternNotFound", "TraceReport",
            "UnsupportedArchitecture", "UnsupportedModel", "UsageError", "VerificationError", "export", "get_act_name",
            "supported_architectures", "to_networkx", "trace"]

@@ -13,12 +13,18 @@ class UnsupportedArchitecture(FxBridgeError, ValueError):
     """The model's ``config.model_type`` has no architecture spec, or its family needs a newer transformers."""
 
     def __init__(self, model_type: str, supported: Iterable[str], *, family: str | None = None,
-                 missing: Iterable[str] = (), transformers_version: str | None = None):
+                 missing: Iterable[str] = (), transformers_version: str | None = None,
+                 inferred_from: str | None = None, reason: str | None = None):
         self.model_type = model_type
         self.supported = sorted(supported)
         self.missing = tuple(missing)  # what the installed transformers lacks, where fxbridge has the spec
+        self.reason = reason  # why no spec could be inferred from the model (architectures/infer.py)
         listed = ", ".join(self.supported)
-        if self.missing:
+        if reason is not None:
+            msg = (f"fxbridge has no architecture spec for model_type={model_type!r} and none could be inferred "
+                   f"from {inferred_from}: {reason}. Supported model types: {listed}. Adding one is a small spec "
+                   "in fxbridge/architectures/ (see architectures/README.md).")
+        elif self.missing:
             msg = (f"fxbridge supports model_type={model_type!r} ({family}), but the installed transformers "
                    f"{transformers_version} lacks {', '.join(self.missing)}: upgrade transformers "
                    f"(pip install -U transformers). Model types supported with this transformers: {listed}.")
@@ -26,6 +32,11 @@ class UnsupportedArchitecture(FxBridgeError, ValueError):
             msg = (f"fxbridge has no architecture spec for model_type={model_type!r}. Supported model types: {listed}. "
                    "Adding one is a small spec in fxbridge/architectures/ (see architectures/README.md).")
         super().__init__(msg)
+
+
+class InferredSpecWarning(UserWarning):
+    """``trace`` used a spec fxbridge inferred (and verified) for an unregistered ``model_type``, or the spec of the
+    registered family whose class the model is; ``gm.report`` shows it."""
 
 
 class CaptureError(FxBridgeError, RuntimeError):

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .architectures import dims_from_config, get_spec
-from .errors import UnsupportedModel, UsageError
+from .errors import InferredSpecWarning, PatternNotFound, UnsupportedArchitecture, UnsupportedModel, UsageError
 from .passes import PassContext, PassResult, run_passes
 from .runtime.module import HookedGraphModule
 from .tracer import capture
@@ -25,10 +25,13 @@ class TraceReport:
     passes: list[PassResult] = field(default_factory=list)
     total_seconds: float = 0.0
     capture_notes: list[str] = field(default_factory=list)  # e.g. "stitched: captured 2 of 26 layers (period 1)"
+    inferred_spec: str | None = None  # the spec inferred for an unregistered model_type, as text (infer.describe)
 
     def __str__(self) -> str:
         lines = [f"{self.model_type}: traced in {self.total_seconds:.2f}s (capture {self.capture_seconds:.2f}s)"]
         lines += [f"  {note}" for note in self.capture_notes]
+        if self.inferred_spec:
+            lines += [f"  {line}" for line in self.inferred_spec.splitlines()]
         lines += [f"  {r.name:<18} {r.matches:>4} matches  {r.seconds * 1000:7.1f} ms" for r in self.passes]
         return "\n".join(lines)
 
@@ -44,7 +47,7 @@ def _progress_printer(enabled: bool):
 
 
 def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bool = False,
-          verify: bool = False) -> HookedGraphModule:
+          verify: bool = False, spec=None) -> HookedGraphModule:
     """Capture ``model`` (a transformers-v5 ``*ForCausalLM``) into a hookable GraphModule sharing its weights.
 
     The capture is of inference: the model runs in eval mode while it is captured (dropout is off) and gets its
@@ -55,29 +58,61 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
     costs B*S*H*D memory and a slower output projection, as TransformerLens's ``use_attn_result``).
     ``verify=True`` runs random tokens through both and raises ``VerificationError`` naming the first layer whose
     ``hook_resid_post`` differs from the HF decoder layer's output (see ``fxbridge.verify``).
+
+    A ``model_type`` with no registered spec gets one inferred from the model (``architectures/infer.py``), verified
+    against HF layer by layer, announced by an ``InferredSpecWarning`` and shown in ``gm.report``; one that cannot
+    be inferred or does not verify raises ``UnsupportedArchitecture`` naming the layer and what diverged.
+    ``spec=`` traces with that ArchSpec instead of the registered one (an inferred spec is verified likewise).
     """
     check_traceable(model)
-    spec = get_spec(model)
+    start = time.perf_counter()  # an inferred spec's capture and verification count too
+    inferred = None
+    if spec is None:
+        try:
+            spec = get_spec(model)
+        except UnsupportedArchitecture as exc:
+            if exc.missing:
+                raise
+            from .architectures.infer import infer
+            inferred = infer(model)
+            spec = inferred.spec
     check_lm_head(model, spec)
     dims = dims_from_config(model.config, spec)
     say = _progress_printer(progress)
-    start = time.perf_counter()
     modes = {m: m.training for m in model.modules()}
     param = next(iter(model.parameters()), None)
     try:
         model.eval()
         if say:
             say(f"capturing {type(model).__name__} ({dims['n_layers']} layers) with torch.export ...")
-        captured = capture(model, layers=spec.layers)
+        captured = inferred.captured if inferred is not None else capture(model, layers=spec.layers)
         if say:
             say(f"captured {len(captured.graph.nodes)} nodes in {captured.seconds:.1f}s; rewriting")
         ctx = PassContext(captured.graph, captured.root, spec, dims, model.config)
-        results = run_passes(ctx, spec.pipeline(use_attn_result=use_attn_result), progress=say)
+        try:
+            results = run_passes(ctx, spec.pipeline(use_attn_result=use_attn_result), progress=say)
+        except PatternNotFound as exc:
+            if not spec.inferred:
+                raise
+            from .architectures.infer import unsupported
+            raise unsupported(model, f"the inferred spec does not fit the graph: {exc}") from None
         report = TraceReport(spec.model_type, captured.seconds, results, capture_notes=list(captured.notes))
+        if spec.inferred:
+            from .architectures.infer import describe
+            report.inferred_spec = inferred.describe() if inferred is not None else describe(spec)
         gm = HookedGraphModule(captured.root, captured.graph, spec=spec, dims=dims, report=report,
                                options={"use_attn_result": use_attn_result},
                                traced_dtype=param.dtype if param is not None and param.is_floating_point() else None,
                                traced_on_meta=param is not None and param.device.type == "meta")
+        if spec.inferred:
+            import warnings
+
+            from .architectures.infer import verify_inferred
+            verify_inferred(gm, model)
+            warnings.warn(InferredSpecWarning(
+                f"fxbridge has no spec for model_type={model.config.model_type!r}: traced {type(model).__name__} with "
+                f"a spec inferred from the model and verified against it on a random batch (see gm.report)"),
+                stacklevel=2)
         report.total_seconds = time.perf_counter() - start
         if say:
             say(f"done: {len(gm.hook_dict)} hook points")

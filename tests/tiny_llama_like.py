@@ -44,7 +44,8 @@ FEATURE_GUARDS = {
     "ernie4_5": lambda m: m.config.num_key_value_heads < m.config.num_attention_heads,
     "jais2": lambda m: not hasattr(m.model.layers[0].mlp, "gate_proj") and _mlp_act(m) == "ReLUSquaredActivation"
     and m.model.layers[0].input_layernorm.bias is not None,
-    "nanochat": lambda m: hasattr(m.model.layers[0].self_attn, "q_norm") and hasattr(m.model.layers[0].mlp, "fc1"),
+    "nanochat": lambda m: hasattr(m.model.layers[0].self_attn, "q_norm") and hasattr(m.model.layers[0].mlp, "fc1")
+    and m.config.final_logit_softcapping is not None,
     "smollm3": lambda m: list(m.config.no_rope_layers) == [1, 0, 1],
     "apertus": lambda m: hasattr(m.model.layers[0], "attention_layernorm") and _mlp_act(m) == "XIELUActivation"
     if hasattr(m.model.layers[0].mlp, "act_fn") else False,
@@ -57,7 +58,7 @@ FEATURE_GUARDS = {
 
 FAMILY = {
     "exaone": _GATED, "internlm3": _GATED, "ministral": _GATED, "ministral3": _GATED, "helium": _GATED,
-    "seed_oss": _GATED, "ernie4_5": _GATED, "jais2": _NON_GATED, "nanochat": _NON_GATED,
+    "seed_oss": _GATED, "ernie4_5": _GATED, "jais2": _NON_GATED, "nanochat": dict(_NON_GATED, final_softcap=True),
     "smollm3": dict(_GATED, nope_layers=(1,)), "apertus": _NON_GATED, "arcee": _NON_GATED, "nemotron": _NON_GATED,
     "hunyuan_v1_dense": _GATED, "olmo": _GATED,
 }

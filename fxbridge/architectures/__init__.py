@@ -36,6 +36,10 @@ def get_spec(model_or_config) -> ArchSpec:
     model_type = getattr(config, "model_type", None)
     spec = REGISTRY.get(model_type)
     missing = missing_from_transformers(spec) if spec is not None else ()
+    if spec is None and not missing:
+        spec = _spec_of_class(model_or_config, config, model_type)
+        if spec is not None:
+            return spec.for_config(config)
     if spec is None or missing:
         import transformers
         raise UnsupportedArchitecture(str(model_type), supported_architectures(), family=spec and spec.family,
@@ -43,5 +47,36 @@ def get_spec(model_or_config) -> ArchSpec:
     return spec.for_config(config)
 
 
-__all__ = ["ArchSpec", "REGISTRY", "dims_from_config", "get_spec", "missing_from_transformers",
+def infer_spec(model) -> ArchSpec:
+    """An ArchSpec inferred from ``model``'s module tree and captured graph (see infer.py); not yet verified --
+    ``fxbridge.trace(model, spec=infer_spec(model))`` verifies it against the model before using it."""
+    from .infer import infer_spec as infer
+    return infer(model)
+
+
+def _spec_of_class(model_or_config, config, model_type) -> ArchSpec | None:
+    """Route 1 for an unregistered model_type: the registered spec whose causal-LM class the model is (EXAONE and
+    InternLM3 checkpoints load as LlamaForCausalLM), with an InferredSpecWarning. Spec inference (route 2, which
+    needs the model) is ``trace``'s, see infer.py."""
+    import warnings
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as names
+    if model_or_config is config:  # a config: the class transformers builds for its model_type
+        cls = _exports(transformers, names.get(model_type) or "") and getattr(transformers, names[model_type])
+    else:
+        cls = type(model_or_config)
+    for spec in REGISTRY.values():
+        name = names.get(spec.model_type)
+        if cls and name == cls.__name__ and _exports(transformers, name) and getattr(transformers, name) is cls \
+                and not missing_from_transformers(spec):
+            from ..errors import InferredSpecWarning
+            warnings.warn(InferredSpecWarning(
+                f"fxbridge has no spec for model_type={model_type!r}; its class {name} is {spec.family}'s "
+                f"(model_type {spec.model_type!r}): using the {spec.family} spec"), stacklevel=3)
+            return spec
+    return None
+
+
+__all__ = ["ArchSpec", "REGISTRY", "dims_from_config", "get_spec", "infer_spec", "missing_from_transformers",
            "supported_architectures"]

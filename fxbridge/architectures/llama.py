@@ -7,7 +7,8 @@ q/k norms before RoPE (Qwen3: ``hook_q``/``hook_k`` before them, ``hook_rot_q``/
 or after it (HunYuan: the rot hooks are still what enters the attention product), NoPE layers (SmolLM3: no rot
 hooks on layers whose queries are not rotated), biases inside ``hook_q/k/v``, sliding windows in the mask.
 """
-from .spec import ArchSpec
+from ..passes import hook_final_softcap
+from .spec import DEFAULT_PASSES, ArchSpec
 
 _RELU2 = dict(mlp_gate=None)  # non-gated MLP: up_proj -> act -> down_proj (hook_pre, hook_post)
 
@@ -27,7 +28,9 @@ HUNYUAN = ArchSpec(model_types=("hunyuan_v1_dense",), family="HunYuan (dense)",
 JAIS2 = ArchSpec(model_types=("jais2",), family="Jais 2", norm="layernorm", **_RELU2,
                  notes="LayerNorm with bias; ReLU^2 MLP, not gated")
 NANOCHAT = ArchSpec(model_types=("nanochat",), family="nanochat", mlp_gate=None, mlp_in="fc1", mlp_out="fc2",
-                    notes="q/k RMSNorm before RoPE; ReLU^2 MLP fc1/fc2, not gated")
+                    final_softcap_config="final_logit_softcapping", passes=(*DEFAULT_PASSES, hook_final_softcap),
+                    notes="q/k RMSNorm before RoPE; ReLU^2 MLP fc1/fc2, not gated; `model.norm` also normalises the "
+                          "embeddings (`ln_final` is its last call); final softcap (`hook_logits`)")
 APERTUS = ArchSpec(model_types=("apertus",), family="Apertus", ln1="attention_layernorm", ln2="feedforward_layernorm",
                    **_RELU2, notes="xIELU MLP, not gated; q/k RMSNorm")
 ARCEE = ArchSpec(model_types=("arcee",), family="Arcee", **_RELU2, notes="ReLU^2 MLP, not gated")
