@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..errors import UnsupportedArchitecture, VerificationError
+from ..errors import CaptureError, UnsupportedArchitecture, VerificationError
 from ..tracer.attention_op import AttentionCall
 from ..tracer.graph_facts import ModuleRegion, layer_index, module_stack
 from ..passes import hook_final_softcap, remove_eval_dropout
@@ -435,7 +435,10 @@ def infer(model) -> Inferred:
         embed = _path_of(model, model.get_input_embeddings(), "get_input_embeddings")
         unembed = _path_of(model, model.get_output_embeddings(), "get_output_embeddings")
         with _eval(model):
-            captured = capture(model, layers=layers)
+            try:
+                captured = capture(model, layers=layers)
+            except CaptureError as exc:  # e.g. a state-space model's recurrence: nothing an ArchSpec could describe
+                raise InferenceFailed(f"torch.export could not capture it ({str(exc).splitlines()[0][:200]})") from None
         r = _Reader(model, captured.graph, layers)
         calls = {}
         for call in AttentionCall.find(captured.graph):

@@ -164,6 +164,7 @@ def test_mpt_clip_qkv_is_inside_hook_q():
     assert q.abs().max().item() == pytest.approx(0.05)  # the clamp bites and hook_q is after it
 
 
+@pytest.mark.slow  # more configs of the same families: pytest -m slow
 @pytest.mark.parametrize("arch,changes", [
     ("opt", dict(enable_bias=False, layer_norm_elementwise_affine=False)),
     ("opt", dict(word_embed_proj_dim=48)),  # pre-LN with project_in / project_out

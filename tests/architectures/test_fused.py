@@ -262,6 +262,7 @@ VARIANTS = {  # each family's other settings: the spec must follow the config, n
 }
 
 
+@pytest.mark.slow  # more configs of the same families: pytest -m slow
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_other_configs_of_each_family_match_hf(variant):
     arch, changes = VARIANTS[variant]
@@ -281,6 +282,7 @@ def test_other_configs_of_each_family_match_hf(variant):
     assert set(gm.hook_dict) == set(tiny_gm.hook_dict)
 
 
+@pytest.mark.slow  # more configs of the same families: pytest -m slow
 @pytest.mark.parametrize("arch", ["phi3", "glm4", "persimmon"])
 def test_meta_device_trace_has_the_real_device_hooks(arch):
     with torch.device("meta"):

@@ -11,8 +11,18 @@ from tiny import tokens
 TOL = 1e-5
 
 
-def _capture(module, outputs):
-    return module.register_forward_hook(lambda mod, args, out: outputs.append(out))
+def _hf_outputs(ref, ids, *modules) -> list[list]:
+    """Every output of each HF module during ``ref(ids)`` (a module HF calls twice has two)."""
+    outputs = [[] for _ in modules]
+    handles = [m.register_forward_hook(lambda mod, args, out, seen=seen: seen.append(out))
+               for m, seen in zip(modules, outputs)]
+    try:
+        with torch.no_grad():
+            ref(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs
 
 
 def _heads_first(x):  # HF's [B, H, S, dh] -> the hook layout [B, S, H, dh]
@@ -36,15 +46,8 @@ def test_nope_layers_have_no_rotary_and_rope_layers_rotate(arch):
 def test_rot_hooks_are_after_the_post_rope_qk_norms(arch):
     _, ref, gm = traced(arch)
     attn = ref.model.layers[1].self_attn
-    q_out, k_out = [], []
-    handles = [_capture(attn.query_layernorm, q_out), _capture(attn.key_layernorm, k_out)]
     ids = tokens(2, 5)
-    try:
-        with torch.no_grad():
-            ref(ids)
-    finally:
-        for h in handles:
-            h.remove()
+    q_out, k_out = _hf_outputs(ref, ids, attn.query_layernorm, attn.key_layernorm)
     _, cache = gm.run_with_cache(ids)
     assert (cache["blocks.1.attn.hook_rot_q"] - _heads_first(q_out[0])).abs().max() < TOL
     assert (cache["blocks.1.attn.hook_rot_k"] - _heads_first(k_out[0])).abs().max() < TOL
@@ -60,14 +63,8 @@ def _eps(norm) -> float:
 def test_layer_norm_hooks_are_before_the_affine_part(arch, one_plus):
     _, ref, gm = traced(arch)
     norm = ref.model.layers[0].input_layernorm
-    out = []
-    handle = _capture(norm, out)
     ids = tokens(2, 5)
-    try:
-        with torch.no_grad():
-            ref(ids)
-    finally:
-        handle.remove()
+    out, = _hf_outputs(ref, ids, norm)
     _, cache = gm.run_with_cache(ids)
     normalized = cache["blocks.0.ln1.hook_normalized"]
     x = cache["blocks.0.hook_resid_pre"]
@@ -93,14 +90,8 @@ def test_non_gated_relu2_mlp_hooks(arch):
 def test_final_norm_called_twice_hooks_its_last_call():
     """nanochat runs model.norm on the embeddings and again before lm_head: ln_final is the second call."""
     _, ref, gm = traced("nanochat")
-    out = []
-    handle = _capture(ref.model.norm, out)
     ids = tokens(2, 5)
-    try:
-        with torch.no_grad():
-            ref(ids)
-    finally:
-        handle.remove()
+    out, = _hf_outputs(ref, ids, ref.model.norm)
     assert len(out) == 2
     _, cache = gm.run_with_cache(ids)
     assert (cache["ln_final.hook_normalized"] - out[1]).abs().max() < TOL

@@ -30,11 +30,11 @@ def test_wrongly_shaped_hook_return_names_hook_and_shapes(core_trio):
 
 def test_unsupported_architecture_lists_supported():
     torch.manual_seed(0)
-    model = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=50, hidden_size=32, num_attention_heads=2, ffn_dim=48,
-                                           num_hidden_layers=1, word_embed_proj_dim=32))
+    model = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                               intermediate_size=48))  # no attention: nothing to infer either
     with pytest.raises(bridge.UnsupportedArchitecture) as info:
         bridge.trace(model)
-    assert "'opt'" in str(info.value)
+    assert "'mamba'" in str(info.value)
     for name in ("llama", "gpt2", "mistral", "qwen2", "qwen3"):
         assert name in str(info.value)
     assert set(bridge.supported_architectures()) >= {"llama", "gpt2", "mistral", "qwen2", "qwen3"}

@@ -209,28 +209,35 @@ def _falcon(**flags):
     return lambda: tf.FalconConfig(**dict(FALCON, **flags))
 
 
+SLOW = pytest.mark.slow  # each case traces twice (stitched and full): the other layouts run with -m slow
+
+
 @pytest.mark.parametrize("make,n_layers,sampled", [
     (lambda: tf.LlamaConfig(**COMMON), 5, 2),
-    (lambda: tf.Gemma2Config(**dict(COMMON, num_hidden_layers=2, sliding_window=4, query_pre_attn_scalar=20,
-                                    layer_types=["sliding_attention", "full_attention"]),
-                             attn_logit_softcapping=5.0, final_logit_softcapping=3.0), 6, 4),
+    pytest.param(lambda: tf.Gemma2Config(**dict(COMMON, num_hidden_layers=2, sliding_window=4, query_pre_attn_scalar=20,
+                                                layer_types=["sliding_attention", "full_attention"]),
+                                         attn_logit_softcapping=5.0, final_logit_softcapping=3.0), 6, 4, marks=SLOW),
     # a per-layer pattern of period 3 that does not divide the depth (2 sliding : 1 full, 8 layers): layers 0 1 2 5
     (lambda: tf.Gemma3TextConfig(**dict(COMMON, num_hidden_layers=3, sliding_window=4, query_pre_attn_scalar=20,
                                         layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
      8, 4),
     # 5 sliding : 1 full at 8 layers: the one full layer is captured as it is (layers 0 1 5)
-    (lambda: tf.Gemma3TextConfig(**dict(COMMON, num_hidden_layers=6, sliding_window=4, query_pre_attn_scalar=20,
-                                        layer_types=["sliding_attention"] * 5 + ["full_attention"])), 8, 3),
+    pytest.param(lambda: tf.Gemma3TextConfig(**dict(COMMON, num_hidden_layers=6, sliding_window=4,
+                                                    query_pre_attn_scalar=20,
+                                                    layer_types=["sliding_attention"] * 5 + ["full_attention"])),
+                 8, 3, marks=SLOW),
     # Falcon: inline attention whose layers each make their own index constants (t[..., [-2], :])
-    (_falcon(new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False, bias=False), 5, 2),
-    (_falcon(new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True, bias=True), 5, 2),
+    pytest.param(_falcon(new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False,
+                         bias=False), 5, 2, marks=SLOW),
+    pytest.param(_falcon(new_decoder_architecture=False, multi_query=False, parallel_attn=False, alibi=True,
+                         bias=True), 5, 2, marks=SLOW),
     (_falcon(new_decoder_architecture=True, num_kv_heads=2, num_attention_heads=8), 5, 2),
     # Gemma 4 (no per-layer embeddings): the last sliding and the last full layer store their k/v, so they are
     # kinds of their own, captured as they are (layers 0 1 2 3 6 7); per_layer_config is keyed by layer index
     pytest.param(lambda: tf.Gemma4TextConfig(**dict(
         COMMON, num_hidden_layers=8, sliding_window=4, global_head_dim=32, hidden_size_per_layer_input=0,
         layer_types=["sliding_attention", "full_attention"] * 4)), 8, 6,
-        marks=pytest.mark.skipif(not hasattr(tf, "Gemma4TextConfig"), reason="transformers < 5.5")),
+        marks=[SLOW, pytest.mark.skipif(not hasattr(tf, "Gemma4TextConfig"), reason="transformers < 5.5")]),
 ], ids=["llama", "gemma2", "gemma3_period3", "gemma3_5to1", "falcon_7b", "falcon_rw_alibi", "falcon_40b", "gemma4"])
 def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, sampled):
     from fxbridge.architectures import get_spec

@@ -51,10 +51,10 @@ def no_weights(monkeypatch):
     return calls
 
 
-def _neox(path):
+def _mamba(path):
+    """A causal LM fxbridge has no spec for (a state-space model: no attention to hook)."""
     import transformers as tf
-    tf.GPTNeoXConfig(vocab_size=101, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
-                     intermediate_size=88).to_json_file(str(path))
+    tf.MambaConfig(vocab_size=101, hidden_size=48, num_hidden_layers=2, intermediate_size=88).to_json_file(str(path))
     return path
 
 
@@ -68,14 +68,14 @@ def _one_error_line(capsys) -> str:
 
 @pytest.mark.parametrize("args, says", [
     (["{tmp}/does-not-exist"], "no such file or directory"),
-    (["{tmp}/neox.json"], "model_type='gpt_neox'"),
+    (["{tmp}/mamba.json"], "model_type='mamba'"),
     (["{tmp}/broken.json"], "broken.json"),
     (["llama-3.2-1b", "--device", "cdua"], "'cdua'"),
     (["llama-3.2-1b", "--dtype", "fp33"], "'fp33'"),
-    (["llama-3.2-1b", "--json", "{tmp}/neox.json/out.json"], "cannot write"),
+    (["llama-3.2-1b", "--json", "{tmp}/mamba.json/out.json"], "cannot write"),
 ])
 def test_bench_of_a_model_that_cannot_be_built_exits_2(args, says, tmp_path, capsys, no_weights):
-    _neox(tmp_path / "neox.json")
+    _mamba(tmp_path / "mamba.json")
     (tmp_path / "broken.json").write_text('{"model_type": "llama", "hidden_size": ')
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert cli.main(["bench", *argv, "--variant", "cpu", "--no-meta-trace"]) == 2
@@ -97,13 +97,13 @@ def test_bench_of_a_model_that_cannot_be_traced_exits_2(monkeypatch, capsys):
 
 def test_suite_run_skips_an_unsupported_entry_with_a_note(tmp_path, monkeypatch, capsys, no_weights):
     """Without a MODEL argument the suite goes on past entries it cannot run, exit 0, and builds no weights for them."""
-    config = json.loads(_neox(tmp_path / "neox.json").read_text())
+    config = json.loads(_mamba(tmp_path / "mamba.json").read_text())
     (tmp_path / "suite").mkdir()
-    (tmp_path / "suite" / "neox-20b.json").write_text(json.dumps({"name": "neox-20b", "config": config}))
+    (tmp_path / "suite" / "mamba-2.8b.json").write_text(json.dumps({"name": "mamba-2.8b", "config": config}))
     monkeypatch.setattr(bench, "suite_dir", lambda: tmp_path / "suite")
     assert main(["--device", "cpu", "--no-meta-trace"]) == 0
     captured = capsys.readouterr()
-    assert "neox-20b" in captured.out and "'gpt_neox' is not supported yet" in captured.out
+    assert "mamba-2.8b" in captured.out and "'mamba' is not supported yet" in captured.out
     assert no_weights == []
 
 

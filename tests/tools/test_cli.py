@@ -80,12 +80,10 @@ def test_meta_device_inspect_and_json(config_json, capsys):
 
 def test_user_errors_in_process_are_one_line(config_json, tmp_path, capsys):
     import transformers as tf
-    opt = tmp_path / "opt.json"
-    tf.OPTConfig(vocab_size=50, hidden_size=32, num_attention_heads=2, ffn_dim=48, num_hidden_layers=1,
-                 word_embed_proj_dim=32).to_json_file(str(opt))
-    assert cli.main(["inspect", str(opt), "-q"]) == 2
+    mamba = _mamba_config(tmp_path / "mamba.json")
+    assert cli.main(["inspect", str(mamba), "-q"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "'opt'" in err and "llama" in err
+    assert len(err.splitlines()) == 1 and "'mamba'" in err and "llama" in err
     assert cli.main(["export", str(config_json), str(tmp_path / "x.txt"), "-q"]) == 2
     assert ".graphml" in capsys.readouterr().err
     assert cli.main(["inspect", str(config_json), "--dtype", "int3", "-q"]) == 2
@@ -252,20 +250,21 @@ def test_missing_graphviz_is_reported_before_tracing(config_json, tmp_path, monk
     assert no_weights == [] and no_trace == []
 
 
-def _gpt_neox_config(path, **sizes):
+def _mamba_config(path, **sizes):
+    """A causal LM fxbridge has no spec for (a state-space model: no attention to hook)."""
     import transformers as tf
-    tf.GPTNeoXConfig(**{"vocab_size": 101, "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 6,
-                        "intermediate_size": 88, **sizes}).to_json_file(str(path))
+    tf.MambaConfig(**{"vocab_size": 101, "hidden_size": 48, "num_hidden_layers": 2, "intermediate_size": 88,
+                      **sizes}).to_json_file(str(path))
     return path
 
 
 def test_unsupported_config_is_rejected_before_its_weights_exist(tmp_path, capsys, no_weights):
-    """A real-size unsupported config (GPT-NeoX 20B shapes, ~80 GB in fp32) is refused from the config alone."""
-    big = _gpt_neox_config(tmp_path / "neox20b.json", vocab_size=50432, hidden_size=6144, num_hidden_layers=44,
-                           num_attention_heads=64, intermediate_size=24576)
+    """A real-size unsupported config (Mamba 2.8B shapes, ~11 GB in fp32) is refused from the config alone."""
+    big = _mamba_config(tmp_path / "mamba.json", vocab_size=50280, hidden_size=2560, num_hidden_layers=64,
+                        intermediate_size=5120)
     for command in (["inspect", str(big)], ["export", str(big), str(tmp_path / "x.json")]):
         assert cli.main(command) == 2
-        assert "model_type='gpt_neox'" in _one_error_line(capsys)
+        assert "model_type='mamba'" in _one_error_line(capsys)
     assert no_weights == []
 
 
@@ -273,13 +272,13 @@ def test_unsupported_checkpoint_and_load_model_check_the_config_first(tmp_path, 
     import transformers as tf
     from fxbridge.errors import UnsupportedArchitecture
     from fxbridge.loading import build_from_config, load_model
-    config = _gpt_neox_config(tmp_path / "neox.json")
+    config = _mamba_config(tmp_path / "mamba.json")
     (tmp_path / "ckpt").mkdir()
-    tf.GPTNeoXConfig.from_json_file(str(config)).save_pretrained(str(tmp_path / "ckpt"))
+    tf.MambaConfig.from_json_file(str(config)).save_pretrained(str(tmp_path / "ckpt"))
     (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"")  # never opened: the config is refused first
     for load in (lambda: load_model(config), lambda: load_model(tmp_path / "ckpt"),
                  lambda: load_model(config, meta=True), lambda: build_from_config(config)):
-        with pytest.raises(UnsupportedArchitecture, match="gpt_neox"):
+        with pytest.raises(UnsupportedArchitecture, match="mamba"):
             load()
     assert no_weights == []
 
