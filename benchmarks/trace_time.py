@@ -42,6 +42,9 @@ CONFIGS: dict[str, dict[str, dict]] = {
                           bias=True),
         "falcon-40b": dict(new_decoder_architecture=True, num_attention_heads=8, num_kv_heads=2),
     },
+    # rotary_dim defaults (64) exceed the small head dim
+    "codegen": {"codegen": dict(rotary_dim=8)},
+    "gptj": {"gptj": dict(rotary_dim=8)},
     "gemma4_text": {
         # transformers' defaults: 5 sliding : 1 full, per-layer embeddings
         "gemma4_text": dict(global_head_dim=32, vocab_size_per_layer_input=512, hidden_size_per_layer_input=8),
@@ -82,6 +85,10 @@ def build_config(model_type: str, n_layers: int, overrides: dict | None = None):
             if isinstance(v, list) and len(v) == old and kwargs.get(k, 0) is None:
                 kwargs[k] = (v * n_layers)[:n_layers]
         config = cls(**kwargs)
+    for k in ("pad_token_id", "bos_token_id", "eos_token_id"):  # defaults beyond the small vocabulary (GLM, Phi-3)
+        v = getattr(config, k, None)
+        if isinstance(v, int) and v >= config.vocab_size:
+            setattr(config, k, 0)
     return config
 
 
