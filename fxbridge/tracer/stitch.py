@@ -138,6 +138,15 @@ def shallow_model(model, chosen: list[int], path: str):
     shallow.eval()
     for name, mod in shallow.named_modules():
         big = model.get_submodule(_real_path(name, path, chosen))
+        # plain attributes set on the model after it was built (model.logit_scale = 0.5) are not in its config:
+        # the shallow copy would capture the config's value, so refuse where any differs (layer counts differ by
+        # construction)
+        for key, value in vars(big).items():
+            if key.startswith(("_", "num_")) or key in (*_INDEX_ATTRS, "training", "n_layer") or not _simple(value):
+                continue
+            if key in vars(mod) and vars(mod)[key] != value:
+                raise _Refuse(f"{name or 'the model'}.{key} is {value!r} on the model but {vars(mod)[key]!r} in a "
+                              "fresh build (set after construction)")
         for table in ("_parameters", "_buffers"):
             for key, value in list(getattr(mod, table).items()):
                 ref = getattr(big, table).get(key)

@@ -283,3 +283,18 @@ def test_layers_whose_code_depends_on_their_index_are_not_stitched():
     with torch.no_grad():
         assert (gm(ids) - ref(ids).logits).abs().max().item() < TOL
 
+
+
+def test_a_plain_attribute_set_after_construction_is_not_lost_by_stitching():
+    """model.logit_scale changed on the module (its config still says 0.25): a shallow rebuild from the config
+    would capture 0.25, so stitching refuses and the full capture computes what the module computes (0.5)."""
+    from fxbridge.tracer import capture
+    from tiny import build
+    model = build("cohere")
+    assert capture(model, layers="model.layers").notes[0].startswith("stitched")
+    model.logit_scale = 0.5
+    captured = capture(model, layers="model.layers")
+    assert captured.notes == ["captured every layer"]
+    scales = [n.args[1] for n in captured.graph.nodes if n.target == torch.ops.aten.mul.Tensor
+              and isinstance(n.args[1], float) and n.args[1] in (0.25, 0.5)]
+    assert scales == [0.5]
