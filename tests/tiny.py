@@ -188,7 +188,12 @@ def left_padded(batch: int, seq: int, pads: list[int]) -> tuple[torch.Tensor, to
 
 # Family groups live in their own modules (tests/tiny_<group>.py), each defining CONFIGS, FEATURE_GUARDS, FAMILY
 # (the golden-hook facts tests/runtime/test_hooks.py reads), and optionally ADJUST and LAYER_SIZES.
-GROUPS = ("tiny_llama_like", "tiny_parallel", "tiny_fused", "tiny_classic", "tiny_resid")
+GROUPS = ("tiny_llama_like", "tiny_parallel", "tiny_fused", "tiny_classic", "tiny_resid",
+          "tiny_moe",
+          "tiny_mla",
+          "tiny_sinks",
+          "tiny_diffattn",
+          "tiny_llama4")
 FAMILY: dict[str, dict] = {}
 LAYER_SIZES: dict = {}
 

@@ -2,12 +2,19 @@
 from __future__ import annotations
 
 from ..errors import UnsupportedArchitecture
-from . import alibi, bigcode, falcon, fused_mlp, gemma, gemma4, gpt2, layernorm_bias, learned_pos, llama, parallel, postnorm
+from . import (alibi, bigcode, dbrx, diffattn, falcon, fused_mlp, gemma, gemma4, gpt2, layernorm_bias, learned_pos, llama,
+               llama4, mla, moe, parallel, postnorm, sinks)
 from .spec import ArchSpec, dims_from_config
 
 _ALL: tuple[ArchSpec, ...] = (*llama.SPECS, *gpt2.SPECS, *gemma.SPECS, *gemma4.SPECS, *bigcode.SPECS, *falcon.SPECS,
                               *parallel.SPECS, *fused_mlp.SPECS, *layernorm_bias.SPECS, *learned_pos.SPECS,
-                              *alibi.SPECS, *postnorm.SPECS)
+                              *alibi.SPECS, *postnorm.SPECS,
+                              *moe.SPECS,
+                              *mla.SPECS,
+                              *sinks.SPECS,
+                              *diffattn.SPECS,
+                              *llama4.SPECS,
+                              *dbrx.SPECS)
 # Every spec fxbridge has. Those whose ``requires`` the installed transformers lacks are left out of
 # supported_architectures() and refused by get_spec (checked at each call, not frozen at import).
 REGISTRY: dict[str, ArchSpec] = {t: spec for spec in _ALL for t in spec.model_types}

@@ -49,6 +49,7 @@ _B = "blocks.{i}."
 _RES = ("B", "S", "D")
 _SCALE, _NORMED = ("B", "S", "1"), ("B", "S", "D")
 _SCORES = ("B", "H", "S", "S")
+_GEMMA4 = _B + "hook_moe_out"  # the MoE branch of a layer that also has a dense MLP
 
 HOOKS: tuple[HookDef, ...] = (
     HookDef("hook_embed", _RES, doc="token embedding output"),
@@ -88,11 +89,25 @@ HOOKS: tuple[HookDef, ...] = (
     HookDef(_B + "ln2_post.hook_scale", _SCALE, doc="post-MLP norm (sandwich norms)"),
     HookDef(_B + "ln2_post.hook_normalized", _NORMED, doc="post-MLP norm (sandwich norms)"),
     HookDef(_B + "hook_mlp_out", _RES, _a(_B + "mlp.hook_out"), "MLP output added to the residual"),
-    HookDef(_B + "moe.hook_router_logits", ("B", "S", "E"), doc="router logits"),
-    HookDef(_B + "moe.hook_expert_weights", ("B", "S", "E"), doc="router probabilities before top-k"),
-    HookDef(_B + "moe.hook_expert_indices", ("B", "S", "K"), doc="chosen experts (int64)"),
-    HookDef(_B + "moe.hook_routing_weights", ("B", "S", "K"), doc="the chosen experts' final weights"),
-    HookDef(_B + "moe.hook_expert_out", ("B", "S", "K", "D"), doc="per-slot weighted expert outputs"),
+    # Mixture-of-experts layers (N = B*S tokens flattened by HF are seen as [B,S,...]). Gemma 4 runs its MoE next to
+    # a dense MLP: its old ``moe.*`` names stay as aliases there (where ``hook_moe_out`` exists).
+    HookDef(_B + "mlp.hook_router_logits", ("B", "S", "E"), (Alias(_B + "moe.hook_router_logits", if_present=_GEMMA4),),
+            "router logits, before softmax / sigmoid"),
+    HookDef(_B + "mlp.hook_router_probs", ("B", "S", "E"), (Alias(_B + "moe.hook_expert_weights", if_present=_GEMMA4),),
+            "the router scores top-k chooses from (softmax / sigmoid of the logits)"),
+    HookDef(_B + "mlp.hook_expert_indices", ("B", "S", "K"),
+            (Alias(_B + "moe.hook_expert_indices", if_present=_GEMMA4),), "chosen experts (int64)"),
+    HookDef(_B + "mlp.hook_routing_weights", ("B", "S", "K"),
+            (Alias(_B + "moe.hook_routing_weights", if_present=_GEMMA4), Alias(_B + "mlp.hook_expert_weights")),
+            "the chosen experts' weights as the experts use them (after the family's normalisation)"),
+    HookDef(_B + "mlp.hook_expert_out", ("B", "S", "K", "D"), (Alias(_B + "moe.hook_expert_out", if_present=_GEMMA4),),
+            "each chosen slot's weighted expert output (the slots sum to the routed output)"),
+    HookDef(_B + "mlp.hook_shared_gate", ("B", "S", "1"), doc="the shared expert's gate, after its sigmoid"),
+    HookDef(_B + "mlp.hook_shared_out", _RES, doc="the shared experts' output as added to the routed output"),
+    # -- MLA rows (deepseek) --
+    # -- attention-sink rows (gpt_oss) --
+    # -- differential-attention / mixture-of-attention rows (diffllama, jetmoe) --
+    # -- llama4 / dbrx rows --
     HookDef(_B + "hook_moe_out", _RES, doc="the MoE branch added to the residual"),
     HookDef(_B + "ple.hook_per_layer_input", ("B", "S", "P"), doc="the layer's per-layer input"),
     HookDef(_B + "ple.hook_gate", ("B", "S", "P"), doc="per-layer input gate before the activation"),

@@ -10,6 +10,7 @@ from fxbridge.passes import (PassContext, alias_shared_kv, hook_attention, hook_
                              hook_moe, hook_unembed, remove_eval_dropout, run_passes)
 from fxbridge.passes.base import graph_pass
 from fxbridge.passes.graph_utils import add_hook_point
+from conftest import arch_params
 from tiny import CONFIGS
 
 aten = torch.ops.aten
@@ -117,7 +118,7 @@ def test_pass_parameters_are_checked_when_the_spec_is_built():
     assert configured.expected(SPEC, {"n_layers": 3}) == 6
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("arch", arch_params())
 def test_every_spec_resolves_its_passes_and_dims_without_tracing(arch):
     config = CONFIGS[arch]()
     spec = REGISTRY[config.model_type].for_config(config)

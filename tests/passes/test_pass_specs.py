@@ -3,6 +3,7 @@ import pytest
 
 from fxbridge.architectures import REGISTRY, dims_from_config, get_spec
 from fxbridge.passes import PASSES
+from conftest import arch_params
 from tiny import CONFIGS
 
 # Passes a spec lists for the whole family that a config switches off (expects 0), each with its reason. Listed
@@ -26,7 +27,7 @@ def test_every_pass_a_spec_lists_is_registered(model_type):
         p.check_configured()  # every parameter a pass needs is given
 
 
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("arch", arch_params())
 def test_on_each_tiny_config_every_listed_pass_expects_matches(arch):
     config = CONFIGS[arch]()
     spec = get_spec(config)

@@ -1,0 +1,2 @@
+"""Placeholder: specs land here (issue 11)."""
+SPECS = ()

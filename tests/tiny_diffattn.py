@@ -1,0 +1,6 @@
+"""Tiny configs for the diffattn group (issue 11; merged into tiny.CONFIGS)."""
+from tiny import COMMON, VOCAB, TinyConfig  # noqa: F401
+
+CONFIGS: dict[str, TinyConfig] = {}
+FEATURE_GUARDS: dict = {}
+FAMILY: dict = {}
