@@ -70,11 +70,11 @@ def hook_moe(ctx: PassContext, *, router: str, router_proj: str, experts: str, o
         slots = single([n for n in expert_region.nodes if _rank(n) == 3
                         and any(u.target in _SUMS and u.args[1] == [1] for u in n.users)],
                        "per-slot output [N,K,D] summed over K", experts_path)
-        for node, name, path in ((logits, "moe.hook_router_logits", proj),
-                                 (probs, "moe.hook_expert_weights", router_path),
-                                 (indices, "moe.hook_expert_indices", router_path),
-                                 (weights, "moe.hook_routing_weights", router_path),
-                                 (slots, "moe.hook_expert_out", experts_path)):
+        for node, name, path in ((logits, "mlp.hook_router_logits", proj),
+                                 (probs, "mlp.hook_router_probs", router_path),
+                                 (indices, "mlp.hook_expert_indices", router_path),
+                                 (weights, "mlp.hook_routing_weights", router_path),
+                                 (slots, "mlp.hook_expert_out", experts_path)):
             hook_viewed(ctx, node, hook_name(name, i), to_hook=tokens[0], from_hook=tokens[1], scope=layer,
                         hf_module=path)
         out = output_of(graph, spec.layer(i, out_norm), "the MoE block's output norm")
