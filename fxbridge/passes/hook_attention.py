@@ -1,8 +1,9 @@
 """Replace each captured attention call by an ``AttentionCore`` module and hook its inputs and output.
 
-    z = fxbridge.attention(q, k, v, mask, scale, cap)
+    z = fxbridge.attention(q, k, v, mask, scale, cap[, sinks])
 ->  q' = hook_rot_q(q) ; k' = hook_rot_k(k)                 (rotary layers; seen as [B,S,H,dh])
-    z = blocks.i.attn(q', k', v, mask)                     (fused SDPA, or eager with hook_attn_scores/pattern)
+    z = blocks.i.attn(q', k', v, mask[, sinks])            (fused SDPA, or eager with hook_attn_scores/pattern;
+                                                            with sinks always eager, + hook_sink_logits [H])
     z = hook_z(z)
 
 Rotary hooks go on the layers whose queries are rotated: a spec with ``rotary=True`` can have NoPE layers
@@ -82,7 +83,7 @@ def hook_attention(ctx: PassContext) -> int:
         _check_softcap(call.softcap, ctx.config, attn_path)
         rotated = spec.rotary and _is_rotated(q, ModuleRegion.of(graph, attn_path))
         name = f"blocks.{layer}.attn"
-        core_module = AttentionCore(call.scaling, call.softcap, layer)
+        core_module = AttentionCore(call.scaling, call.softcap, layer, sinks=call.sinks is not None)
         for point in core_module.children():
             point.made_by, point.hf_module = ctx.current_pass, attn_path
         install(ctx.root, name, core_module)

@@ -12,10 +12,14 @@ import torch.nn.functional as F
 
 
 def eager_attention(q, k, v, mask, scaling: float, softcap: Optional[float], scores_hook=None, pre_cap_hook=None,
-                    pattern_hook=None):
+                    pattern_hook=None, sinks=None, sinks_hook=None):
     """HF's eager attention (``eager_attention_forward`` + Gemma's softcap), with optional hook callbacks.
 
     q [B,H,Sq,dh], k/v [B,Hkv,Sk,dh], mask additive [B,1|H,Sq,Sk] or None. Returns z [B,Sq,H,dh].
+    ``sinks`` [H] (gpt_oss ``s_aux``): a learned logit per head joins each softmax row as one more column after the
+    mask and is dropped after the softmax, as HF's gpt_oss eager attention (max subtracted, softmax in the
+    scores' dtype); the pattern is then over the real keys only and its rows sum to less than 1. ``sinks_hook``
+    sees a copy of the sinks (an in-place edit never reaches the parameter), after ``scores_hook``.
     """
     n_rep = q.shape[1] // k.shape[1]
     if n_rep > 1:
@@ -32,10 +36,22 @@ def eager_attention(q, k, v, mask, scaling: float, softcap: Optional[float], sco
         scores = scores.add_(mask) if mask.dtype == scores.dtype else scores + mask
     if scores_hook is not None:
         scores = scores_hook(scores)
-    pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if sinks is not None:
+        pattern = _softmax_with_sinks(scores, sinks if sinks_hook is None else sinks_hook(sinks.clone())).to(v.dtype)
+    else:
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     if pattern_hook is not None:
         pattern = pattern_hook(pattern)
     return torch.matmul(pattern, v).transpose(1, 2).contiguous()
+
+
+def _softmax_with_sinks(scores, sinks):
+    """softmax([scores, sink_h]) over the last dim, the sink column dropped: HF's gpt_oss ``eager_attention_forward``
+    (the row max subtracted first, the softmax in the concatenation's dtype)."""
+    batch, heads, q_len, _ = scores.shape
+    combined = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(batch, heads, q_len, 1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    return torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
 
 
 def is_plain_causal(mask: torch.Tensor | None, q_len: int, k_len: int) -> bool:

@@ -19,35 +19,47 @@ from .hook_point import FastCallModule, HookPoint
 class AttentionCore(FastCallModule):
     """softmax(q k^T * scale [-> softcap] + mask) v for one layer; q [B,H,S,dh], k/v [B,Hkv,S,dh] -> z [B,S,H,dh].
 
+    With ``sinks`` (gpt_oss: a learned logit per head, passed as a fifth input [H]) the softmax runs over the real
+    keys and the sink, and the sink's column is dropped: ``hook_attn_scores`` holds the real keys only,
+    ``hook_sink_logits`` [H] the sinks, ``hook_pattern`` the probabilities of the real keys (rows sum < 1). Such a
+    layer always runs the eager math (SDPA has no sink; HF's gpt_oss has no sdpa path either).
+
     ``force_eager`` makes it always materialise scores and pattern (useful to compare the two paths).
     """
 
-    def __init__(self, scaling: float, softcap: float | None, layer: int):
+    def __init__(self, scaling: float, softcap: float | None, layer: int, sinks: bool = False):
         super().__init__()
-        self.scaling, self.softcap, self.layer = float(scaling), softcap, layer
+        self.scaling, self.softcap, self.layer, self.sinks = float(scaling), softcap, layer, bool(sinks)
         self.force_eager = False
         if softcap is not None:  # children in firing order: hook_dict lists a core's points in this order
             self.hook_attn_scores_pre_cap = HookPoint()
         self.hook_attn_scores = HookPoint()
+        if self.sinks:
+            self.hook_sink_logits = HookPoint()
         self.hook_pattern = HookPoint()
 
     def needs_eager(self) -> bool:
         """True when this layer must materialise scores/pattern (a hook on them, softcap, or forced)."""
-        return (self.force_eager or self.softcap is not None
+        return (self.force_eager or self.softcap is not None or self.sinks
                 or self.hook_attn_scores.has_hooks or self.hook_pattern.has_hooks)
 
-    def forward(self, q, k, v, mask):
+    def forward(self, q, k, v, mask, sinks=None):
+        if self.sinks != (sinks is not None):
+            raise TypeError(f"attention core of layer {self.layer} was built {'with' if self.sinks else 'without'} "
+                            f"sinks but called {'without' if sinks is None else 'with'} them")
         if not self.needs_eager():
             return fused_attention(q, k, v, mask, self.scaling)
         pre_cap = getattr(self, "hook_attn_scores_pre_cap", None)
+        sinks_hook = getattr(self, "hook_sink_logits", None)
         return eager_attention(
             q, k, v, mask, self.scaling, self.softcap,
             scores_hook=self.hook_attn_scores,
             pre_cap_hook=pre_cap if pre_cap is not None and pre_cap.has_hooks else None,
             pattern_hook=self.hook_pattern,
+            sinks=sinks, sinks_hook=sinks_hook if sinks_hook is not None and sinks_hook.has_hooks else None,
         )
 
-    def fake_values(self, q, k, v, mask):
+    def fake_values(self, q, k, v, mask, sinks=None):
         """(output, {child: value it sees}) on fake inputs, from shapes and dtypes alone (the graph's metadata)."""
         batch, heads, q_len, _ = q.shape
         scores_dtype = torch.promote_types(q.dtype, k.dtype)
@@ -55,11 +67,15 @@ class AttentionCore(FastCallModule):
             scores_dtype = torch.promote_types(scores_dtype, mask.dtype)
         scores = q.new_empty((batch, heads, q_len, k.shape[2]), dtype=scores_dtype)
         inner = {name: scores for name in ("hook_attn_scores_pre_cap", "hook_attn_scores") if hasattr(self, name)}
-        inner["hook_pattern"] = q.new_empty(scores.shape, dtype=q.dtype)
+        if sinks is not None:
+            inner["hook_sink_logits"] = sinks.new_empty(sinks.shape)
+            inner["hook_pattern"] = q.new_empty(scores.shape, dtype=v.dtype)
+        else:
+            inner["hook_pattern"] = q.new_empty(scores.shape, dtype=q.dtype)
         return q.new_empty((batch, q_len, heads, v.shape[-1]), dtype=torch.promote_types(q.dtype, v.dtype)), inner
 
     def extra_repr(self) -> str:
-        return f"layer={self.layer}, scaling={self.scaling:.4g}, softcap={self.softcap}"
+        return f"layer={self.layer}, scaling={self.scaling:.4g}, softcap={self.softcap}" + (", sinks" if self.sinks else "")
 
 
 class RMSNormCore(FastCallModule):

@@ -106,6 +106,8 @@ HOOKS: tuple[HookDef, ...] = (
     HookDef(_B + "mlp.hook_shared_out", _RES, doc="the shared experts' output as added to the routed output"),
     # -- MLA rows (deepseek) --
     # -- attention-sink rows (gpt_oss) --
+    HookDef(_B + "attn.hook_sink_logits", ("H",),
+            doc="the learned sink logit of each head (gpt_oss `sinks`): one more softmax column, dropped after it"),
     # -- differential-attention / mixture-of-attention rows (diffllama, jetmoe) --
     # -- llama4 / dbrx rows --
     HookDef(_B + "hook_moe_out", _RES, doc="the MoE branch added to the residual"),

@@ -2,7 +2,8 @@
 
 Transformers v5 routes every attention module through ``AttentionInterface`` with the query, key and value
 *after* q/k norms and rotary embeddings and *before* any repeat to the query heads, plus the additive mask and
-the scaling / softcap of that layer. fxbridge registers an implementation named ``"fxbridge"`` that calls the
+the scaling / softcap of that layer, and the learned per-head sink logits where the model has them (gpt_oss
+``s_aux``: one more softmax column per head, dropped after the softmax). fxbridge registers an implementation named ``"fxbridge"`` that calls the
 custom op ``fxbridge::attention``; torch.export keeps a custom op as one node, so the captured graph holds one
 node per attention call with exactly the quantities TransformerLens hooks (rot_q, rot_k, v, the mask, the
 scale). ``passes/hook_attention.py`` later replaces that node by an ``AttentionCore`` module.
@@ -32,20 +33,20 @@ IMPLEMENTATION = "fxbridge"
 
 @torch.library.custom_op("fxbridge::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scaling: float,
-              softcap: Optional[float], layer_idx: int) -> torch.Tensor:
+              softcap: Optional[float], layer_idx: int, sinks: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Opaque attention node used only while capturing; computes HF eager attention."""
-    return eager_attention(q, k, v, mask, scaling, softcap)
+    return eager_attention(q, k, v, mask, scaling, softcap, sinks=sinks)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, mask, scaling, softcap, layer_idx):
+def _attention_fake(q, k, v, mask, scaling, softcap, layer_idx, sinks=None):
     batch, heads, seq, _ = q.shape
     return q.new_empty(batch, seq, heads, v.shape[-1])
 
 
 ATTENTION_OP = torch.ops.fxbridge.attention.default
 _CORE_META = "fxbridge_attention"  # on an AttentionCore call: (scaling, softcap, layer_idx) of the call it replaced
-_INPUTS = ("q", "k", "v", "mask")  # the tensor inputs, in the op's order and AttentionCore.forward's
+_INPUTS = ("q", "k", "v", "mask", "sinks")  # the tensor inputs, in AttentionCore.forward's order
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class AttentionCall:
     """One attention call of a graph: an ``fxbridge::attention`` node, or the ``AttentionCore`` call replacing it.
 
     q [B,H,Sq,dh] (after q norm and RoPE), k / v [B,Hkv,Sk,dh] (before any repeat), the additive mask (or None),
-    and the layer's scale, attention softcap and index. ``node`` is the graph node read (None for a new call).
+    and the layer's scale, attention softcap and index; ``sinks`` [H] the learned sink logit of each head (gpt_oss),
+    or None. ``node`` is the graph node read (None for a new call).
     """
 
     q: fx.Node
@@ -63,6 +65,7 @@ class AttentionCall:
     scaling: float
     softcap: Optional[float]
     layer_idx: int
+    sinks: Optional[fx.Node] = None
     node: Optional[fx.Node] = dataclasses.field(default=None, compare=False)
 
     @staticmethod
@@ -78,7 +81,8 @@ class AttentionCall:
         if cls.is_op(node):
             return cls(*node.args, node=node)
         if cls.is_core(node):
-            return cls(*node.args, *node.meta[_CORE_META], node=node)
+            q, k, v, mask, *sinks = node.args
+            return cls(q, k, v, mask, *node.meta[_CORE_META], sinks=sinks[0] if sinks else None, node=node)
         raise ValueError(f"{node.name} ({node.op} {node.target}) is not an attention call")
 
     @classmethod
@@ -88,12 +92,13 @@ class AttentionCall:
 
     @property
     def args(self) -> tuple:
-        """The op's positional arguments."""
-        return (self.q, self.k, self.v, self.mask, self.scaling, self.softcap, self.layer_idx)
+        """The op's positional arguments (``sinks`` only where the call has them)."""
+        base = (self.q, self.k, self.v, self.mask, self.scaling, self.softcap, self.layer_idx)
+        return base if self.sinks is None else (*base, self.sinks)
 
     def inputs(self) -> dict[str, Optional[fx.Node]]:
-        """{"q", "k", "v", "mask"} -> the node fed there."""
-        return {role: getattr(self, role) for role in _INPUTS}
+        """{"q", "k", "v", "mask"} (and "sinks" where the call has them) -> the node fed there."""
+        return {role: getattr(self, role) for role in _INPUTS if role != "sinks" or self.sinks is not None}
 
     def roles_of(self, value: fx.Node) -> set[str]:
         """Which of q, k, v, mask ``value`` is fed as."""
@@ -119,14 +124,13 @@ class AttentionCall:
 def _hf_attention_function(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
                            **kwargs):
     """The function registered in HF's AttentionInterface under the name ``"fxbridge"``."""
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks (s_aux) are not supported by fxbridge yet")
+    sinks = kwargs.get("s_aux")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     layer_idx = getattr(module, "layer_idx", None)
     out = torch.ops.fxbridge.attention(query, key, value, attention_mask, float(scaling),
                                        None if softcap is None else float(softcap),
-                                       -1 if layer_idx is None else int(layer_idx))
+                                       -1 if layer_idx is None else int(layer_idx), sinks)
     return out, None
 
 
