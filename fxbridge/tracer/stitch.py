@@ -171,6 +171,9 @@ def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: t
     constants = {} if constants is None else constants
     m = len(chosen)
     layer = {n: layer_index(n, path) for n in graph.nodes}
+    for n in graph.nodes:  # in graph order, so a chain of sizes moves out link by link
+        if layer[n] is not None and _size_of_outer_sizes(n, layer):
+            layer[n] = None
     body = {k: [n for n in graph.nodes if layer[n] == k and n.op != "get_attr"] for k in range(m)}
     outer = [n for n in graph.nodes if layer[n] is None]
     depends = set()  # outer nodes computed from some layer's output: the epilogue
@@ -254,6 +257,19 @@ class _nullctx:
 
     def __exit__(self, *exc):
         return False
+
+
+def _is_size(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymBool, torch.SymFloat, int))
+
+
+def _size_of_outer_sizes(node: fx.Node, layer: dict) -> bool:
+    """A symbolic size computed, inside a layer, from sizes computed outside the layers only (``2 * B * S`` in the
+    first layer's MoE experts). torch.export makes one node per size expression and every later layer reads the
+    first layer's node; such a size is no layer's value (it depends on the input shapes alone), so it counts as
+    computed before the layers: every layer reads it as it reads the masks."""
+    return (node.op == "call_function" and _is_size(node)
+            and all(layer[a] is None and _is_size(a) for a in node.all_input_nodes))
 
 
 def _layer_output(nodes: list[fx.Node], layer: dict, k: int) -> fx.Node:

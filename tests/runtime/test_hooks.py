@@ -80,6 +80,7 @@ def expected_shape(name: str, dims: dict, batch: int, seq: int) -> tuple:
         "hook_attn_scores": (B, H, S, S), "hook_pattern": (B, H, S, S),
         "hook_scale": (B, S, 1), "hook_unembed": (B, S, dims["d_vocab"]),
         "hook_attn_scores_pre_cap": (B, H, S, S), "hook_logits": (B, S, dims["d_vocab"]),
+        "hook_sink_logits": (H,),
     }
     if "d_per_layer_input" in dims or "n_experts" in dims:  # Gemma 4: PLE [B,S,P], MoE [B,S,E|K(,D)]
         P, E, K = dims.get("d_per_layer_input"), dims.get("n_experts"), dims.get("top_k")

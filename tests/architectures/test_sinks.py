@@ -1,0 +1,188 @@
+"""gpt_oss attention sinks (architectures/sinks.py): each hook checked against what HF's own modules compute (forward
+hooks on the eager reference, HF's sinks parameter, HF's own eager attention function) or a hand computation.
+
+The generic parity / hook / intervention tests run on this tiny config too (tests/tiny_sinks.py); this file checks
+where the sink-specific hooks sit and that their edits act as the same edit made in HF.
+"""
+import copy
+
+import pytest
+import torch
+from transformers.models.gpt_oss import modeling_gpt_oss as hf_gpt_oss
+
+import fxbridge as bridge
+from conftest import arch_params, traced
+from fxbridge.runtime.attention import eager_attention
+from fxbridge.tracer.attention_op import AttentionCall
+from tiny import CONFIGS, FEATURE_GUARDS, build_from_config, eager_reference, left_padded, tokens
+
+TOL = 1e-5
+ARCH = arch_params(["gpt_oss"])
+
+
+@pytest.fixture(params=ARCH)
+def oss(request):
+    model, ref, gm = traced(request.param)
+    gm.reset_hooks(including_permanent=True)
+    yield model, ref, gm
+    gm.reset_hooks(including_permanent=True)
+
+
+def _diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def _hf_patterns(ref, ids, mask=None):
+    """HF eager's attention weights per layer (the second output of each GptOssAttention: probs[..., :-1])."""
+    seen, handles = {}, []
+    for i, layer in enumerate(ref.model.layers):
+        handles.append(layer.self_attn.register_forward_hook(
+            lambda mod, args, out, i=i: seen.__setitem__(i, out[1])))
+    try:
+        with torch.no_grad():
+            logits = ref(ids, attention_mask=mask).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, logits
+
+
+def test_tiny_config_has_the_features(oss):
+    model, _, gm = oss
+    assert FEATURE_GUARDS["gpt_oss"](model)
+    assert all(hasattr(gm.get_submodule(f"blocks.{i}.attn"), "hook_sink_logits") for i in range(gm.dims["n_layers"]))
+
+
+def test_logits_equal_hf_eager_plain_and_left_padded(oss):
+    _, ref, gm = oss
+    ids = tokens(2, 9)
+    pids, mask = left_padded(3, 9, pads=[0, 2, 5])
+    with torch.no_grad():
+        assert _diff(gm(ids), ref(ids).logits) < TOL
+        out, expected = gm(pids, attention_mask=mask), ref(pids, attention_mask=mask).logits
+    assert _diff(out[mask.bool()], expected[mask.bool()]) < TOL
+
+
+def test_sink_hook_holds_hf_sinks_parameter(oss):
+    model, _, gm = oss
+    _, cache = gm.run_with_cache(tokens(2, 5), names_filter=lambda n: n.endswith("hook_sink_logits"))
+    for i, layer in enumerate(model.model.layers):
+        got = cache[f"blocks.{i}.attn.hook_sink_logits"]
+        assert got.shape == (model.config.num_attention_heads,)
+        assert torch.equal(got, layer.self_attn.sinks.detach())
+
+
+def test_each_layer_reads_its_own_sinks(oss):
+    """The sinks reaching each layer's attention core are that layer's parameter (a get_attr in the graph)."""
+    _, _, gm = oss
+    cores = [AttentionCall.of(n) for n in gm.graph.nodes if AttentionCall.is_core(n)]
+    assert [c.layer_idx for c in cores] == list(range(gm.dims["n_layers"]))
+    for call in cores:
+        assert call.sinks.op == "get_attr" and call.sinks.target.endswith(f"layers.{call.layer_idx}.self_attn.sinks")
+
+
+def test_scores_real_keys_and_pattern_softmax_with_sink(oss):
+    """hook_attn_scores [B,H,S,S] has no sink column; hook_pattern == softmax([scores, sink])[..., :-1] by hand
+    from hook_attn_scores and HF's sinks, == HF's attention weights, and its rows sum to < 1 (the sink's share;
+    0 for padded queries, which see no key)."""
+    model, ref, gm = oss
+    ids, mask = left_padded(2, 8, pads=[0, 3])
+    expected, _ = _hf_patterns(ref, ids, mask)
+    _, cache = gm.run_with_cache(ids, attention_mask=mask)
+    heads = model.config.num_attention_heads
+    for i, layer in enumerate(model.model.layers):
+        scores, pattern = cache["attn_scores", i], cache["pattern", i]
+        assert scores.shape == pattern.shape == (2, heads, 8, 8)
+        sinks = layer.self_attn.sinks.detach().reshape(1, -1, 1, 1).expand(2, -1, 8, 1)
+        by_hand = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)
+        torch.testing.assert_close(pattern, by_hand[..., :-1], atol=1e-6, rtol=0)
+        torch.testing.assert_close(pattern, expected[i], atol=1e-6, rtol=0)
+        rows = pattern.sum(-1)
+        assert (rows < 1).all() and (rows[0] > 0).all() and (rows[1, :, 3:] > 0).all()
+        assert (rows[1, :, :3] < 1e-30).all()  # padded queries see no key: all their mass is on the sink
+        torch.testing.assert_close(rows + by_hand[..., -1], torch.ones_like(rows))
+    # the mask is in the scores, per layer type: layer 0 slides (window 4), layer 1 is full
+    lo = torch.finfo(cache["attn_scores", 0].dtype).min
+    assert (cache["attn_scores", 0][0, :, 7, 3] == lo).all() and (cache["attn_scores", 0][0, :, 7, 4] > lo).all()
+    assert (cache["attn_scores", 1][0, :, 7, 0] > lo).all()
+
+
+def test_sink_edit_equals_hf_with_changed_sinks(oss):
+    model, ref, gm = oss
+    ids = tokens(2, 7)
+    edited = copy.deepcopy(ref)
+    with torch.no_grad():
+        edited.model.layers[1].self_attn.sinks[1] += 3.0
+        edited.model.layers[1].self_attn.sinks[3] = -4.0
+        expected = edited(ids).logits
+        before = model.model.layers[1].self_attn.sinks.detach().clone()
+
+    def edit(t, hook):  # in place, as TransformerLens hooks often are
+        t[1] += 3.0
+        t[3] = -4.0
+
+    with torch.no_grad():
+        out = gm.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_sink_logits", edit)])
+        plain = gm(ids)
+    assert _diff(out, expected) < TOL and _diff(out, ref(ids).logits) > 1e-3
+    assert torch.equal(model.model.layers[1].self_attn.sinks.detach(), before)  # the edit never reaches the weights
+    assert _diff(plain, ref(ids).logits) < TOL
+
+
+def test_pattern_edit_takes_effect_as_in_hf(oss):
+    """Zeroing head 2's pattern in layer 0 equals HF with that head's o_proj input columns zeroed (z_h = 0)."""
+    model, ref, gm = oss
+    ids = tokens(2, 7)
+    dh = model.config.head_dim
+    edited = copy.deepcopy(ref)
+    with torch.no_grad():
+        edited.model.layers[0].self_attn.o_proj.weight[:, 2 * dh:3 * dh] = 0
+        expected = edited(ids).logits
+
+    def zero_head(t, hook):
+        t[:, 2] = 0
+
+    with torch.no_grad():
+        out = gm.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_pattern", zero_head)])
+    assert _diff(out, expected) < TOL and _diff(out, ref(ids).logits) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_math_is_hf_gpt_oss_eager_attention(dtype):
+    """runtime.attention.eager_attention with sinks is bit-for-bit HF's gpt_oss eager_attention_forward (GQA, an
+    additive mask with fully masked rows, the softmax in the scores' dtype)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 6, 16, generator=gen).to(dtype) for h in (4, 2, 2))
+    mask = torch.zeros(2, 1, 6, 6, dtype=dtype)
+    mask.masked_fill_(torch.ones(6, 6, dtype=torch.bool).triu(1), torch.finfo(dtype).min)
+    mask[1, :, :, :3] = torch.finfo(dtype).min  # left padding: rows 0-2 of batch 1 see nothing
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = 2, False
+    module.sinks = torch.nn.Parameter(torch.linspace(-1, 2, 4).to(dtype))
+    expected, weights = hf_gpt_oss.eager_attention_forward(module, q, k, v, mask, scaling=0.25)
+    seen = {}
+    got = eager_attention(q, k, v, mask, 0.25, None, sinks=module.sinks.detach(),
+                          pattern_hook=lambda p: seen.setdefault("p", p))
+    assert torch.equal(got, expected) and torch.equal(seen["p"], weights)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCH)
+def test_stitched_trace_of_deeper_model(arch):
+    """Five layers (sliding / full alternating) stitched from four captured: equal to HF, each layer its own sinks."""
+    cfg = CONFIGS[arch]()
+    cfg.num_hidden_layers, cfg.layer_types = 5, ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
+    model = build_from_config(cfg)
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.sinks.copy_(torch.linspace(-1.0, 1.5, cfg.num_attention_heads) * (i + 1))
+    ref = eager_reference(model)
+    gm = bridge.trace(model)
+    assert gm.report.capture_notes[0].startswith("stitched: captured 4 of 5 layers")
+    pids, mask = left_padded(2, 9, pads=[0, 4])
+    with torch.no_grad():
+        out, expected = gm(pids, attention_mask=mask), ref(pids, attention_mask=mask).logits
+    assert _diff(out[mask.bool()], expected[mask.bool()]) < TOL
+    _, cache = gm.run_with_cache(pids, attention_mask=mask, names_filter=lambda n: n.endswith("hook_sink_logits"))
+    for i, layer in enumerate(model.model.layers):
+        assert torch.equal(cache[f"blocks.{i}.attn.hook_sink_logits"], layer.self_attn.sinks.detach())
