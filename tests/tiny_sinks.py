@@ -47,6 +47,6 @@ def _gpt_oss_features(m) -> bool:
 
 
 FEATURE_GUARDS: dict = {"gpt_oss": _gpt_oss_features}
-# no dense MLP (mlp.hook_pre/post): the MoE block's hooks instead; a sink logit per head
-FAMILY: dict = {"gpt_oss": dict(rotary=True, gated=False, pos=False, extra=["attn.hook_sink_logits"],
-                                drop=["mlp.hook_pre", "mlp.hook_post"])}
+# every layer's MLP is an MoE block (routing hooks instead of hook_pre/post); a sink logit per head
+FAMILY: dict = {"gpt_oss": dict(rotary=True, gated=True, pos=False, extra=["attn.hook_sink_logits"],
+                                moe_layers=(0, 1, 2))}

@@ -12,20 +12,20 @@ column; HF's gpt_oss has no sdpa path: eager is HF's own default).
 The rest: q/k/v/o biases (inside hook_q/k/v, and o_proj's), YaRN rotary (HF's code in the graph, hook_rot_q/k
 after it), alternating sliding-window / full layers (``layer_types``; in each layer's mask). The MLP is a MoE
 block: a biased router (top-k of the logits, then softmax over the k values) and experts with biases and a
-clamped SwiGLU (``_apply_gate``), HF's ``@use_experts_implementation`` experts.
+clamped SwiGLU (``_apply_gate``), HF's ``@use_experts_implementation`` experts, hooked by the generic ``hook_moe``:
+``mlp.hook_router_logits`` [B,S,E] (the biased router linear), ``mlp.hook_expert_indices`` / ``mlp.hook_routing_weights``
+[B,S,K] (top-k of the logits, then the softmax over those k values: what the experts receive),
+``mlp.hook_expert_out`` [B,S,K,D] (each slot's weighted expert output), ``hook_mlp_out`` the block's output. There is
+no softmax over all experts, so no ``mlp.hook_router_probs``, and no dense MLP (no ``mlp.hook_pre`` / ``hook_post``).
 """
-from ..passes import hook_attention, hook_embeddings, hook_norms, hook_qkv, hook_residual, hook_unembed
-from .spec import ArchSpec
+from ..passes import hook_mlp
+from .moe import _moe
+from .spec import DEFAULT_PASSES, ArchSpec
 
-
-def _dims(config) -> dict[str, int]:
-    return {"n_experts": int(config.num_local_experts), "top_k": int(config.num_experts_per_tok)}
-
-
-GPT_OSS = ArchSpec(
-    model_types=("gpt_oss",), family="GPT-OSS", mlp_gate=None, mlp_in="experts", mlp_out="experts",
-    dims_of=_dims,
-    passes=(hook_embeddings, hook_attention, hook_qkv, hook_norms, hook_residual, hook_unembed),
+# every layer is an MoE layer (GptOssConfig has no dense layers): no hook_mlp; hook_moe on mlp.router / mlp.experts
+GPT_OSS = _moe(
+    ("gpt_oss",), "GPT-OSS", router="mlp.router", experts="mlp.experts",
+    base=ArchSpec(model_types=("gpt_oss",), family="GPT-OSS", passes=tuple(p for p in DEFAULT_PASSES if p is not hook_mlp)),
     notes="attention sinks: `hook_attn_scores` real keys only, `attn.hook_sink_logits` [H], `hook_pattern` over "
           "the real keys (rows sum < 1); q/k/v/o biases, YaRN rotary, alternating sliding / full layers; MoE with a "
           "biased router and clamped-SwiGLU experts",

@@ -186,3 +186,122 @@ def test_stitched_trace_of_deeper_model(arch):
     _, cache = gm.run_with_cache(pids, attention_mask=mask, names_filter=lambda n: n.endswith("hook_sink_logits"))
     for i, layer in enumerate(model.model.layers):
         assert torch.equal(cache[f"blocks.{i}.attn.hook_sink_logits"], layer.self_attn.sinks.detach())
+
+
+# ---- MoE block (hook_moe): routing and per-slot expert outputs against HF's router / experts modules ----
+
+def _hf_moe(ref, ids, layer: int, router_edit=None, experts_edit=None):
+    """HF eager logits, with forward hooks on layer ``layer``'s router and experts: {name: value} of what they
+    saw and returned; ``router_edit(out) -> out`` / ``experts_edit(x, out) -> out`` replace their outputs."""
+    seen, mlp = {}, ref.model.layers[layer].mlp
+
+    def on_router(mod, args, out):
+        out = router_edit(out) if router_edit else out
+        seen["logits"], seen["weights"], seen["indices"] = out
+        return out
+
+    def on_experts(mod, args, out):
+        seen["x"] = args[0]
+        out = experts_edit(args[0], out) if experts_edit else out
+        seen["routed"] = out
+        return out
+
+    def on_mlp(mod, args, out):
+        seen["mlp_out"] = out[0]
+
+    handles = [mlp.router.register_forward_hook(on_router), mlp.experts.register_forward_hook(on_experts),
+               mlp.register_forward_hook(on_mlp)]
+    try:
+        with torch.no_grad():
+            logits = ref(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, logits
+
+
+def _slot_by_hand(experts, x, expert: int, weight):
+    """One routing slot's weighted output for token rows x [N,D] sent to ``expert``, from HF's expert weights:
+    biased gate/up projection, the clamped SwiGLU written out (not HF's _apply_gate), biased down projection."""
+    gate_up = x @ experts.gate_up_proj[expert] + experts.gate_up_proj_bias[expert]
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    gate, up = gate.clamp(max=experts.limit), up.clamp(-experts.limit, experts.limit)
+    act = (up + 1) * gate * torch.sigmoid(gate * experts.alpha)
+    return (act @ experts.down_proj[expert] + experts.down_proj_bias[expert]) * weight
+
+
+def test_routing_hooks_equal_hf_router(oss):
+    model, ref, gm = oss
+    ids = tokens(2, 6)
+    _, cache = gm.run_with_cache(ids)
+    E, K = model.config.num_local_experts, model.config.num_experts_per_tok
+    for i in range(gm.dims["n_layers"]):
+        hf, _ = _hf_moe(ref, ids, i)
+        assert cache[f"blocks.{i}.mlp.hook_router_logits"].shape == (2, 6, E)
+        torch.testing.assert_close(cache[f"blocks.{i}.mlp.hook_router_logits"], hf["logits"].view(2, 6, E),
+                                   atol=1e-5, rtol=1e-5)  # a full cache runs the norms' explicit form: rounding
+        indices = cache[f"blocks.{i}.mlp.hook_expert_indices"]
+        assert indices.dtype == torch.int64 and torch.equal(indices, hf["indices"].view(2, 6, K))
+        weights = cache[f"blocks.{i}.mlp.hook_routing_weights"]  # softmax over the top-k logits
+        torch.testing.assert_close(weights, hf["weights"].view(2, 6, K), atol=1e-6, rtol=0)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, 6))
+        torch.testing.assert_close(cache[f"blocks.{i}.hook_mlp_out"], hf["mlp_out"], atol=1e-5, rtol=0)
+    assert len(set(cache["blocks.0.mlp.hook_expert_indices"].flatten().tolist())) == E  # every expert is used
+
+
+def test_expert_slots_are_hand_computed_expert_outputs(oss):
+    """hook_expert_out [B,S,K,D]: slot k of a token is expert idx[k]'s biased, clamped-SwiGLU output times its
+    routing weight (by hand from HF's weights), and the slots sum to HF's experts output."""
+    model, ref, gm = oss
+    ids = tokens(2, 6)
+    _, cache = gm.run_with_cache(ids)
+    D, K = model.config.hidden_size, model.config.num_experts_per_tok
+    for i, layer in enumerate(model.model.layers):
+        hf, _ = _hf_moe(ref, ids, i)
+        slots = cache[f"blocks.{i}.mlp.hook_expert_out"]
+        assert slots.shape == (2, 6, K, D)
+        torch.testing.assert_close(slots.sum(2), hf["routed"].view(2, 6, D), atol=1e-5, rtol=0)
+        x, idx, w = hf["x"].view(2, 6, D), hf["indices"].view(2, 6, K), hf["weights"].view(2, 6, K)
+        with torch.no_grad():
+            for b, s, k in [(0, 0, 0), (0, 3, 1), (1, 5, 0), (1, 2, 1)]:
+                want = _slot_by_hand(layer.mlp.experts, x[b, s], int(idx[b, s, k]), w[b, s, k])
+                torch.testing.assert_close(slots[b, s, k], want, atol=1e-5, rtol=0)
+
+
+def test_zeroing_a_slot_removes_that_expert_at_that_token(oss):
+    model, ref, gm = oss
+    ids = tokens(2, 6)
+    D, K = model.config.hidden_size, model.config.num_experts_per_tok
+    experts = model.model.layers[1].mlp.experts
+    hf, _ = _hf_moe(ref, ids, 1)
+    b, s, k = 1, 4, 1
+    expert, weight = int(hf["indices"].view(2, 6, K)[b, s, k]), hf["weights"].view(2, 6, K)[b, s, k]
+
+    def remove(x, out):  # HF's experts output minus that expert's contribution at token (b, s), by hand
+        out = out.clone()
+        out[b * 6 + s] -= _slot_by_hand(experts, x[b * 6 + s], expert, weight)
+        return out
+
+    _, expected = _hf_moe(ref, ids, 1, experts_edit=remove)
+
+    def zero(t, hook):
+        t[b, s, k] = 0
+
+    with torch.no_grad():
+        out = gm.run_with_hooks(ids, fwd_hooks=[("blocks.1.mlp.hook_expert_out", zero)])
+    assert _diff(out, expected) < TOL and _diff(out, ref(ids).logits) > 1e-4
+
+
+def test_routing_weight_edit_equals_hf_with_edited_router_scores(oss):
+    _, ref, gm = oss
+    ids = tokens(2, 6)
+    scale = torch.tensor([0.25, 1.75])
+
+    def hf_edit(out):
+        logits, weights, indices = out
+        return logits, weights * scale, indices
+
+    _, expected = _hf_moe(ref, ids, 0, router_edit=hf_edit)
+    with torch.no_grad():
+        out = gm.run_with_hooks(ids, fwd_hooks=[("blocks.0.mlp.hook_routing_weights", lambda t, hook: t * scale)])
+    assert _diff(out, expected) < TOL and _diff(out, ref(ids).logits) > 1e-4

@@ -72,9 +72,13 @@ def test_editing_scores_takes_effect(core_trio):
         scores[..., 1:] = torch.finfo(scores.dtype).min
 
     with torch.no_grad(), gm.hooks(fwd_hooks=[("blocks.1.attn.hook_attn_scores", only_first_token)]):
-        _, cache = gm.run_with_cache(ids, names_filter="blocks.1.attn.hook_pattern")
-    pattern = cache["pattern", 1]
-    assert torch.allclose(pattern[..., 0], torch.ones_like(pattern[..., 0]))
+        _, cache = gm.run_with_cache(ids, names_filter=lambda name: name.startswith("blocks.1.attn.hook_")
+                                     and name.split(".")[-1] in ("hook_pattern", "hook_attn_scores", "hook_sink_logits"))
+    pattern, expected = cache["pattern", 1], torch.ones_like(cache["pattern", 1][..., 0])
+    if "blocks.1.attn.hook_sink_logits" in cache:  # attention sinks (gpt_oss) keep their share: softmax([s_0, sink])
+        sinks = cache["blocks.1.attn.hook_sink_logits"].reshape(1, -1, 1)
+        expected = torch.sigmoid(cache["attn_scores", 1][..., 0] - sinks)
+    assert torch.allclose(pattern[..., 0], expected) and (pattern[..., 1:] == 0).all()
 
 
 def test_in_place_edit_of_norm_scale_propagates(core_trio):
