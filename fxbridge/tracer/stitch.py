@@ -171,9 +171,7 @@ def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: t
     constants = {} if constants is None else constants
     m = len(chosen)
     layer = {n: layer_index(n, path) for n in graph.nodes}
-    for n in graph.nodes:  # in graph order, so a chain of sizes moves out link by link
-        if layer[n] is not None and _size_of_outer_sizes(n, layer):
-            layer[n] = None
+    _hoist_sizes(graph, layer)
     body = {k: [n for n in graph.nodes if layer[n] == k and n.op != "get_attr"] for k in range(m)}
     outer = [n for n in graph.nodes if layer[n] is None]
     depends = set()  # outer nodes computed from some layer's output: the epilogue
@@ -251,25 +249,22 @@ def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: t
     return new
 
 
+def _hoist_sizes(graph: fx.Graph, layer: dict) -> None:
+    """Symbolic sizes a layer computes from the inputs' sizes alone (``B*S`` tokens in an MoE block) belong to no
+    layer: torch.export computes each once, where first needed, and later layers read it from there. They are
+    treated as prologue values (so each layer copy reads the same one)."""
+    for n in graph.nodes:
+        if layer[n] is not None and n.op == "call_function" and isinstance(n.meta.get("val"), (torch.SymInt, int)) \
+                and all(layer[a] is None for a in n.all_input_nodes):
+            layer[n] = None
+
+
 class _nullctx:
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         return False
-
-
-def _is_size(node: fx.Node) -> bool:
-    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymBool, torch.SymFloat, int))
-
-
-def _size_of_outer_sizes(node: fx.Node, layer: dict) -> bool:
-    """A symbolic size computed, inside a layer, from sizes computed outside the layers only (``2 * B * S`` in the
-    first layer's MoE experts). torch.export makes one node per size expression and every later layer reads the
-    first layer's node; such a size is no layer's value (it depends on the input shapes alone), so it counts as
-    computed before the layers: every layer reads it as it reads the masks."""
-    return (node.op == "call_function" and _is_size(node)
-            and all(layer[a] is None and _is_size(a) for a in node.all_input_nodes))
 
 
 def _layer_output(nodes: list[fx.Node], layer: dict, k: int) -> fx.Node:
@@ -306,8 +301,22 @@ def _check_pairs(body: dict, layer: dict, outs: list, pairs: list, path: str, co
                     raise _Refuse(f"{x_node.name} / {y_node.name} differ in constant {x!r} / {y!r} "
                                   "(index-dependent code)")
     if carried0 is None:
+        carried0 = _residual_into_layer0(body, layer, outs)
+    if carried0 is None:
         raise _Refuse("could not find the residual stream entering layer 0 (the first layer's kind occurs once)")
     return carried0
+
+
+def _residual_into_layer0(body: dict, layer: dict, outs: list) -> fx.Node | None:
+    """Where layer 0's kind occurs once (dense layers before MoE ones), its incoming residual is the one value from
+    before the layers it reads that has its output's shape and dtype (a layer maps [B,S,D] to [B,S,D])."""
+    out = outs[0].meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return None
+    reads = {a for n in body[0] for a in n.all_input_nodes if layer[a] is None and a.op != "get_attr"}
+    like = [a for a in reads if isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dtype == out.dtype
+            and tuple(map(str, a.meta["val"].shape)) == tuple(map(str, out.shape))]
+    return like[0] if len(like) == 1 else None
 
 
 def _check_reads(body: dict, layer: dict, outs: list, carried0: fx.Node, depends: set) -> None:
