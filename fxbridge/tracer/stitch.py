@@ -136,16 +136,19 @@ def shallow_model(model, chosen: list[int], path: str):
     except Exception as exc:  # noqa: BLE001 -- e.g. a count of KV-shared layers the cut-down config cannot have
         raise _Refuse(f"the model class cannot be built with layers {chosen}: {type(exc).__name__}: {exc}") from exc
     shallow.eval()
+    with torch.device("meta"):
+        fresh = type(model)(model.config)  # a fresh build at full depth: what the config alone gives each module
     for name, mod in shallow.named_modules():
-        big = model.get_submodule(_real_path(name, path, chosen))
+        real = _real_path(name, path, chosen)
+        big, built = model.get_submodule(real), fresh.get_submodule(real)
         # plain attributes set on the model after it was built (model.logit_scale = 0.5) are not in its config:
-        # the shallow copy would capture the config's value, so refuse where any differs (layer counts differ by
-        # construction)
+        # the shallow copy would capture the config's value, so refuse where one differs from a fresh full-depth
+        # build (attributes derived from the depth, e.g. Gemma 4's first KV-shared layer, are equal there)
         for key, value in vars(big).items():
-            if key.startswith(("_", "num_")) or key in (*_INDEX_ATTRS, "training", "n_layer") or not _simple(value):
+            if key.startswith("_") or key == "training" or not _simple(value):
                 continue
-            if key in vars(mod) and vars(mod)[key] != value:
-                raise _Refuse(f"{name or 'the model'}.{key} is {value!r} on the model but {vars(mod)[key]!r} in a "
+            if key in vars(built) and vars(built)[key] != value:
+                raise _Refuse(f"{name or 'the model'}.{key} is {value!r} on the model but {vars(built)[key]!r} in a "
                               "fresh build (set after construction)")
         for table in ("_parameters", "_buffers"):
             for key, value in list(getattr(mod, table).items()):
