@@ -48,6 +48,15 @@ def _record(ref, ids, layer):
     return logits, seen
 
 
+def _logits_of(router_out, model):
+    """The router's logits among its outputs (their order differs between families and transformers versions): the
+    float tensor over all experts."""
+    n_experts = _block(model.model.layers[_moe_layers(model)[0]]).experts.gate_up_proj.shape[0]
+    outs = router_out if isinstance(router_out, tuple) else (router_out,)
+    (logits,) = [t for t in outs if t.is_floating_point() and t.shape[-1] == n_experts][:1]
+    return logits
+
+
 def _expert_by_hand(experts, e: int, x: torch.Tensor) -> torch.Tensor:
     """Expert e on tokens x [..., D] from HF's weights: gate_up_proj[e] = [gate; up] (F each), down_proj[e]."""
     gate, up = (x @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
@@ -62,7 +71,7 @@ def test_routing_hooks_hold_what_hf_routes_and_the_slots_are_the_experts_by_hand
     for i in _moe_layers(model):
         _, seen = _record(ref, ids, i)
         (x, indices, weights), routed = seen["experts"]
-        router_logits = seen["router"][0] if isinstance(seen["router"], tuple) else seen["router"]
+        router_logits = _logits_of(seen["router"], model)
         with torch.no_grad():
             _, cache = gm.run_with_cache(ids, names_filter=lambda n, i=i: n.startswith(f"blocks.{i}.mlp.hook_")
                                          or n == f"blocks.{i}.hook_mlp_out")

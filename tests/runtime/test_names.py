@@ -33,7 +33,7 @@ def test_aliases_only_for_points_that_exist():
 @pytest.mark.parametrize("name, shape", [("blocks.3.attn.hook_k", ("B", "S", "Hkv", "dh")),
                                          ("blocks.0.attn.hook_pattern", ("B", "H", "S", "S")),
                                          ("ln_final.hook_scale", ("B", "S", "1")),
-                                         ("blocks.1.moe.hook_expert_out", ("B", "S", "K", "D")),
+                                         ("blocks.1.mlp.hook_expert_out", ("B", "S", "K", "D")),
                                          ("hook_unembed", ("B", "S", "V")), ("blocks.0.nothing", None)])
 def test_shapes_are_the_contracts(name, shape):
     assert shape_of(name) == shape
