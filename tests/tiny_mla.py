@@ -1,6 +1,18 @@
-"""Tiny configs for the mla group (issue 11; merged into tiny.CONFIGS)."""
+"""Tiny configs for the MLA group: DeepSeek V2 / V3 (architectures/mla.py; merged into tiny.CONFIGS)."""
 from tiny import COMMON, VOCAB, TinyConfig  # noqa: F401
 
-CONFIGS: dict[str, TinyConfig] = {}
+# Multi-head latent attention with every size distinct: q LoRA rank 24, KV LoRA rank 16, rope part 8, nope part 8
+# (q/k head 16), value head 12; MoE with 4 routed experts, top-2, one shared expert, 2 groups (top-1 group); the
+# first layer dense.
+MLA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+           num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+           n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
+           qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, max_position_embeddings=128,
+           tie_word_embeddings=False)
+
+CONFIGS: dict[str, TinyConfig] = {
+    "deepseek_v3": TinyConfig("DeepseekV3Config", **MLA),
+    "deepseek_v2": TinyConfig("DeepseekV2Config", **MLA),
+}
 FEATURE_GUARDS: dict = {}
 FAMILY: dict = {}
