@@ -14,5 +14,22 @@ CONFIGS: dict[str, TinyConfig] = {
     "deepseek_v3": TinyConfig("DeepseekV3Config", **MLA),
     "deepseek_v2": TinyConfig("DeepseekV2Config", **MLA),
 }
-FEATURE_GUARDS: dict = {}
-FAMILY: dict = {}
+
+
+def _mla(m, rope_layout: str) -> bool:
+    attn, cfg = m.model.layers[0].self_attn, m.config
+    return (attn.q_a_layernorm is not None and attn.kv_a_layernorm.weight.numel() == cfg.kv_lora_rank == 16
+            and attn.q_b_proj.in_features == cfg.q_lora_rank == 24 and cfg.v_head_dim != cfg.qk_nope_head_dim
+            and cfg.qk_rope_head_dim == 8 and attn.o_proj.in_features == 4 * 12
+            and (rope_layout == "complex" or bool(cfg.rope_interleave) == (rope_layout == "interleaved")))
+
+
+FEATURE_GUARDS: dict = {
+    "deepseek_v3": lambda m: _mla(m, "interleaved"),
+    "deepseek_v2": lambda m: _mla(m, "complex"),
+}
+_MLA_HOOKS = ["attn.hook_q_latent", "attn.hook_kv_latent", "attn.hook_k_rope"]
+FAMILY: dict = {
+    "deepseek_v3": dict(rotary=True, gated=True, pos=False, extra=_MLA_HOOKS),
+    "deepseek_v2": dict(rotary=True, gated=True, pos=False, extra=_MLA_HOOKS),
+}
