@@ -245,3 +245,112 @@ def test_stitched_dense_then_moe_equals_full_capture(monkeypatch, arch, n_layers
         expected = ref(ids, attention_mask=mask).logits
     assert torch.equal(a, b)
     assert _diff(a[mask.bool()], expected[mask.bool()]) < TOL
+
+
+# ------------------------------------------------------------------------------------------------ MoE layers
+def _moe_layers(model):
+    return [i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+
+
+def test_dense_first_layer_and_moe_layers_get_their_own_hooks(mla):
+    model, _, gm = mla
+    moe = _moe_layers(model)
+    assert moe == [1, 2] and model.config.first_k_dense_replace == 1
+    names = set(gm.hook_dict)
+    routing = ["mlp.hook_router_logits", "mlp.hook_expert_indices", "mlp.hook_routing_weights",
+               "mlp.hook_expert_out", "mlp.hook_shared_out"]
+    dense = ["mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"]
+    for i in range(gm.dims["n_layers"]):
+        want, absent = (routing, dense) if i in moe else (dense, routing)
+        assert all(f"blocks.{i}.{h}" in names for h in want), i
+        assert not any(f"blocks.{i}.{h}" in names for h in absent), i
+
+
+def test_routing_hooks_equal_hf_router_and_experts(mla):
+    """Router logits, chosen experts and routing weights (after the family's normalisation and
+    routed_scaling_factor) equal what HF's router returns; the shared experts' and the block's outputs equal HF's."""
+    model, ref, gm = mla
+    ids, mask = left_padded(2, 6, [0, 2])
+    b, s = ids.shape
+    seen, handles = {}, []
+    for i in _moe_layers(ref):
+        mlp = ref.model.layers[i].mlp
+        handles.append(mlp.gate.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(("gate", i), out)))
+        handles.append(mlp.shared_experts.register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(("shared", i), out)))
+        handles.append(mlp.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(("mlp", i), out)))
+    try:
+        with torch.no_grad():
+            logits = ref(ids, attention_mask=mask).logits
+            out, cache = gm.run_with_cache(ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    assert _diff(out, logits) < TOL
+    for i in _moe_layers(ref):
+        router_logits, weights, indices = seen[("gate", i)]
+        assert _diff(cache[f"blocks.{i}.mlp.hook_router_logits"], router_logits.view(b, s, -1)) < TOL
+        assert torch.equal(cache[f"blocks.{i}.mlp.hook_expert_indices"], indices.view(b, s, -1))
+        assert _diff(cache[f"blocks.{i}.mlp.hook_routing_weights"], weights.view(b, s, -1)) < TOL
+        assert _diff(cache[f"blocks.{i}.mlp.hook_shared_out"], seen[("shared", i)]) < TOL
+        assert _diff(cache[f"blocks.{i}.hook_mlp_out"], seen[("mlp", i)]) < TOL
+        slots = cache[f"blocks.{i}.mlp.hook_expert_out"]
+        assert slots.shape == (b, s, 2, 64)
+        assert _diff(slots.sum(2) + cache[f"blocks.{i}.mlp.hook_shared_out"], seen[("mlp", i)]) < TOL
+
+
+def _expert(experts, e: int, x):
+    """Expert ``e`` of HF's fused experts module on token rows x, from its weights."""
+    gate, up = torch.nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+    return torch.nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+
+
+def test_zeroing_one_slot_removes_that_experts_contribution_at_that_token(mla):
+    model, ref, gm = mla
+    ids, layer, (bi, si), slot = tokens(2, 6), 2, (1, 3), 1
+    b, s = ids.shape
+    experts = ref.model.layers[layer].mlp.experts
+    routed = {}
+
+    def remove(mod, args, out):
+        x, idx, w = args
+        t = bi * s + si
+        e = int(idx[t, slot])
+        routed["expert"] = e
+        out = out.clone()
+        out[t] -= w[t, slot] * _expert(experts, e, x[t])
+        return out
+
+    handle = experts.register_forward_hook(remove)
+    try:
+        with torch.no_grad():
+            want = ref(ids).logits
+    finally:
+        handle.remove()
+
+    def zero_slot(t, hook):
+        t[bi, si, slot] = 0.0
+
+    with torch.no_grad():
+        got, cache = gm.run_with_cache(ids, names_filter=[f"blocks.{layer}.mlp.hook_expert_indices"])
+        got = gm.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.mlp.hook_expert_out", zero_slot)])
+        clean = gm(ids)
+    assert _diff(got, want) < TOL and _diff(got, clean) > 1e-5
+    assert int(cache[f"blocks.{layer}.mlp.hook_expert_indices"][bi, si, slot]) == routed["expert"]
+
+
+def test_an_edit_of_the_routing_weights_takes_effect(mla):
+    model, ref, gm = mla
+    ids, layer = tokens(2, 6), 1
+    router = ref.model.layers[layer].mlp.gate
+    handle = router.register_forward_hook(lambda m, a, out: (out[0], out[1] * torch.tensor([2.0, 0.0]), out[2]))
+    try:
+        with torch.no_grad():
+            want = ref(ids).logits
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        got = gm.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.mlp.hook_routing_weights",
+                                                 lambda t, hook: t * torch.tensor([2.0, 0.0]))])
+        clean = gm(ids)
+    assert _diff(got, want) < TOL and _diff(got, clean) > 1e-4
