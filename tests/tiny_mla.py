@@ -12,7 +12,8 @@ MLA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermedi
 
 CONFIGS: dict[str, TinyConfig] = {
     "deepseek_v3": TinyConfig("DeepseekV3Config", **MLA),
-    "deepseek_v2": TinyConfig("DeepseekV2Config", **MLA),
+    # V2: softmax router with the group-limited top-k and a routed scale away from 1
+    "deepseek_v2": TinyConfig("DeepseekV2Config", **MLA, topk_method="group_limited_greedy", routed_scaling_factor=2.0),
 }
 
 
@@ -25,8 +26,10 @@ def _mla(m, rope_layout: str) -> bool:
 
 
 FEATURE_GUARDS: dict = {
-    "deepseek_v3": lambda m: _mla(m, "interleaved"),
-    "deepseek_v2": lambda m: _mla(m, "complex"),
+    "deepseek_v3": lambda m: _mla(m, "interleaved") and m.config.norm_topk_prob
+    and m.config.routed_scaling_factor != 1.0,
+    "deepseek_v2": lambda m: _mla(m, "complex") and m.config.topk_method == "group_limited_greedy"
+    and m.config.routed_scaling_factor == 2.0,
 }
 _MLA_HOOKS = ["attn.hook_q_latent", "attn.hook_kv_latent", "attn.hook_k_rope"]
 FAMILY: dict = {

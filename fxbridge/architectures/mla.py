@@ -21,6 +21,8 @@ def _mla_dims(config) -> dict[str, int]:
     dn, dr = int(config.qk_nope_head_dim), int(config.qk_rope_head_dim)
     dims = {"d_head": dn + dr, "d_nope": dn, "d_rope": dr, "d_head_v": int(config.v_head_dim),
             "kv_lora_rank": int(config.kv_lora_rank), "n_kv_heads": int(config.num_attention_heads)}
+    if getattr(config, "n_routed_experts", None):
+        dims.update(n_experts=int(config.n_routed_experts), top_k=int(config.num_experts_per_tok))
     if getattr(config, "q_lora_rank", None):
         dims["q_lora_rank"] = int(config.q_lora_rank)
     return dims
