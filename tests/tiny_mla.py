@@ -32,7 +32,7 @@ FEATURE_GUARDS: dict = {
     and m.config.routed_scaling_factor == 2.0,
 }
 _MLA_HOOKS = ["attn.hook_q_latent", "attn.hook_kv_latent", "attn.hook_k_rope"]
-FAMILY: dict = {
-    "deepseek_v3": dict(rotary=True, gated=True, pos=False, extra=_MLA_HOOKS),
-    "deepseek_v2": dict(rotary=True, gated=True, pos=False, extra=_MLA_HOOKS),
-}
+# layer 0 dense (first_k_dense_replace=1), layers 1-2 MoE with one shared expert
+_FACTS = dict(rotary=True, gated=True, pos=False, extra=_MLA_HOOKS, moe_layers=(1, 2),
+              moe_extra=["mlp.hook_shared_out"])
+FAMILY: dict = {"deepseek_v3": _FACTS, "deepseek_v2": _FACTS}

@@ -23,7 +23,8 @@ class MLA(nn.Module):
         super().__init__()
         self.q_lora, self.layer_idx, self.seen, self.edit, self.record = q_lora, layer_idx, {}, None, False
         if q_lora:
-            self.q_a_proj, self.q_a_layernorm, self.q_b_proj = nn.Linear(D, RQ), RMSNorm(RQ), nn.Linear(RQ, H * (DN + DR))
+            self.q_a_proj, self.q_a_layernorm = nn.Linear(D, RQ), RMSNorm(RQ)
+            self.q_b_proj = nn.Linear(RQ, H * (DN + DR))
         else:
             self.q_proj = nn.Linear(D, H * (DN + DR))
         self.kv_a_proj_with_mqa = nn.Linear(D, RKV + DR)
