@@ -30,7 +30,7 @@ SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attentio
 
 DEFAULT = object()  # an override that keeps the config class's default (drops the SMALL entry)
 
-_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+_MLA = dict(num_key_value_heads=4, head_dim=8, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
             moe_intermediate_size=32, first_k_dense_replace=1)
 
