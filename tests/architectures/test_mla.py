@@ -224,6 +224,25 @@ def test_v2_lite_without_a_query_lora():
 
 
 @pytest.mark.slow
+def test_v3_rotate_half_rope_and_per_head_results():
+    """rope_interleave=False (rotate-half RoPE) and use_attn_result=True: hook_result splits o_proj per value head
+    (v_head_dim columns each, not the q/k head)."""
+    config = CONFIGS["deepseek_v3"]()
+    config.rope_interleave = False
+    model = build_from_config(config)
+    ref = eager_reference(model)
+    gm = bridge.trace(model, use_attn_result=True)
+    ids, mask = left_padded(3, 7, [0, 2, 4])
+    with torch.no_grad():
+        out, cache = gm.run_with_cache(ids, attention_mask=mask)
+        assert _diff(out, ref(ids, attention_mask=mask).logits) < TOL
+    W = model.model.layers[1].self_attn.o_proj.weight.view(64, 4, 12)  # [D, H, dv]
+    by_hand = torch.einsum("bshd,Dhd->bshD", cache["blocks.1.attn.hook_z"], W)
+    assert _diff(cache["blocks.1.attn.hook_result"], by_hand) < TOL
+    assert _diff(cache["blocks.1.attn.hook_result"].sum(2), cache["blocks.1.hook_attn_out"]) < TOL
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, n_layers, dense, sampled", [("deepseek_v3", 4, 1, 3), ("deepseek_v2", 7, 3, 5)])
 def test_stitched_dense_then_moe_equals_full_capture(monkeypatch, arch, n_layers, dense, sampled):
     """Dense first layers then MoE layers: the stitched capture (two layer kinds; a prefix where
