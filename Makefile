@@ -1,6 +1,10 @@
 # `make demo` and `make test`: both create .venv when missing and install the project into it (newest versions).
 # `make test-lowest`: the same suite in .venv-lowest on the lowest versions pyproject.toml declares.
 PYTHON ?= python3
+# make test spreads the suite over this many pytest-xdist workers (one per core here); all tests of one tiny
+# architecture run in one worker, which traces it once (tests/conftest.py groups them). PYTEST_WORKERS=0: serial.
+PYTEST_WORKERS ?= auto
+PYTEST_ARGS := -n $(PYTEST_WORKERS) --dist loadgroup
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -26,7 +30,7 @@ demo: $(STAMP)
 	$(PY) -m fxbridge demo
 
 test: $(STAMP)
-	FXBRIDGE_CONSTRAINTS=constraints-ci.txt $(PY) -m pytest
+	FXBRIDGE_CONSTRAINTS=constraints-ci.txt $(PY) -m pytest $(PYTEST_ARGS)
 
 $(PY_LOWEST):
 	@command -v $(PYTHON_LOWEST) >/dev/null 2>&1 || { echo "make test-lowest: $(PYTHON_LOWEST) (the lowest Python \
@@ -40,7 +44,7 @@ $(STAMP_LOWEST): $(PY_LOWEST) pyproject.toml constraints-lowest.txt
 	touch $(STAMP_LOWEST)
 
 test-lowest: $(STAMP_LOWEST)
-	FXBRIDGE_CONSTRAINTS=constraints-lowest.txt $(PY_LOWEST) -m pytest
+	FXBRIDGE_CONSTRAINTS=constraints-lowest.txt $(PY_LOWEST) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m fxbridge bench $(BENCH_ARGS)

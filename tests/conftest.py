@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,10 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).parent))
 
 import fxbridge as bridge  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one pytest-xdist worker per core: one torch thread each
+    import torch
+    torch.set_num_threads(1)
 from tiny import CONFIGS, CORE, build, eager_reference, missing_config_class  # noqa: E402
 
 _TRACED = {}
@@ -28,7 +33,9 @@ def arch_params(archs=None, *, slow_beyond_core: bool = False) -> list:
     for arch in sorted(CONFIGS if archs is None else archs):
         missing = missing_config_class(arch)
         reason = f"the installed transformers {tf.__version__} has no {missing}"
-        marks = [pytest.mark.skipif(missing is not None, reason=reason)]
+        # xdist_group: under `make test` (pytest-xdist, --dist loadgroup) one worker runs every test of an
+        # architecture, so it is traced once
+        marks = [pytest.mark.skipif(missing is not None, reason=reason), pytest.mark.xdist_group(arch)]
         if slow_beyond_core and arch not in CORE:
             marks.append(pytest.mark.slow)
         params.append(pytest.param(arch, marks=marks))

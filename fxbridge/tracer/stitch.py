@@ -172,7 +172,7 @@ def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: t
     m = len(chosen)
     layer = {n: layer_index(n, path) for n in graph.nodes}
     _read_shared_values_directly(graph, layer)
-    _hoist_shape_arithmetic(graph, layer, path)
+    _hoist_sizes(graph, layer)
     body = {k: [n for n in graph.nodes if layer[n] == k and n.op != "get_attr"] for k in range(m)}
     outer = [n for n in graph.nodes if layer[n] is None]
     depends = set()  # outer nodes computed from some layer's output: the epilogue
@@ -198,7 +198,7 @@ def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: t
             pairs.append((first[kinds[i]], j))
         else:
             first[kinds[i]] = j
-    carried0 = _check_pairs(body, layer, outs, pairs, path, constants) or _residual_into_first(body[0], layer, outs[0])
+    carried0 = _check_pairs(body, layer, outs, pairs, path, constants)
     _check_reads(body, layer, outs, carried0, depends)
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -250,6 +250,16 @@ def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: t
     return new
 
 
+def _hoist_sizes(graph: fx.Graph, layer: dict) -> None:
+    """Symbolic sizes a layer computes from the inputs' sizes alone (``B*S`` tokens in an MoE block) belong to no
+    layer: torch.export computes each once, where first needed, and later layers read it from there. They are
+    treated as prologue values (so each layer copy reads the same one)."""
+    for n in graph.nodes:
+        if layer[n] is not None and n.op == "call_function" and isinstance(n.meta.get("val"), (torch.SymInt, int)) \
+                and all(layer[a] is None for a in n.all_input_nodes):
+            layer[n] = None
+
+
 class _nullctx:
     def __enter__(self):
         return self
@@ -291,24 +301,23 @@ def _check_pairs(body: dict, layer: dict, outs: list, pairs: list, path: str, co
                 elif not _equal_const(x, y):
                     raise _Refuse(f"{x_node.name} / {y_node.name} differ in constant {x!r} / {y!r} "
                                   "(index-dependent code)")
+    if carried0 is None:
+        carried0 = _residual_into_layer0(body, layer, outs)
+    if carried0 is None:
+        raise _Refuse("could not find the residual stream entering layer 0 (the first layer's kind occurs once)")
     return carried0
 
 
-def _residual_into_first(nodes: list[fx.Node], layer: dict, out: fx.Node) -> fx.Node:
-    """The residual entering layer 0 where no second layer of its kind shows it (DeepSeek's dense first layer
-    before MoE layers): the one value from outside the layers that layer 0 reads with the shape and dtype of the
-    value it hands on."""
-    def signature(node):
-        val = node.meta.get("val")
-        return (tuple(str(d) for d in val.shape), val.dtype) if isinstance(val, torch.Tensor) else None
-
-    want = signature(out)
-    found = {a for n in nodes for a in n.all_input_nodes
-             if layer[a] is None and a.op != "get_attr" and want is not None and signature(a) == want}
-    if len(found) != 1:
-        raise _Refuse("could not find the residual stream entering layer 0 (the first layer's kind occurs once; "
-                      f"{len(found)} outside values of the residual's shape)")
-    return found.pop()
+def _residual_into_layer0(body: dict, layer: dict, outs: list) -> fx.Node | None:
+    """Where layer 0's kind occurs once (dense layers before MoE ones), its incoming residual is the one value from
+    before the layers it reads that has its output's shape and dtype (a layer maps [B,S,D] to [B,S,D])."""
+    out = outs[0].meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return None
+    reads = {a for n in body[0] for a in n.all_input_nodes if layer[a] is None and a.op != "get_attr"}
+    like = [a for a in reads if isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dtype == out.dtype
+            and tuple(map(str, a.meta["val"].shape)) == tuple(map(str, out.shape))]
+    return like[0] if len(like) == 1 else None
 
 
 _CASTS = {torch.ops.aten.to.dtype_layout, torch.ops.aten.to.dtype, torch.ops.aten.to.device}
@@ -327,19 +336,6 @@ def _noop_cast(node: fx.Node) -> bool:
     ref = src.meta.get("val") if isinstance(src, fx.Node) else None
     return (isinstance(val, torch.Tensor) and isinstance(ref, torch.Tensor) and val.dtype == ref.dtype
             and val.device == ref.device and val.layout == ref.layout and tuple(val.shape) == tuple(ref.shape))
-
-
-def _hoist_shape_arithmetic(graph: fx.Graph, layer: dict, path: str) -> None:
-    """Integer arithmetic on the input's sizes that a layer computes first (B*S where an MoE flattens its tokens) is
-    reused by torch.export in every later layer: it is no layer's own value. Such nodes (a SymInt computed only from
-    values outside the layers) are moved out of the layers, so each layer reads them as shared values."""
-    for node in graph.nodes:
-        if (layer[node] is None or node.op != "call_function" or not isinstance(node.meta.get("val"), torch.SymInt)
-                or any(layer[a] is not None for a in node.all_input_nodes)):
-            continue
-        layer[node] = None
-        stack = node.meta.get("nn_module_stack") or {}
-        node.meta["nn_module_stack"] = {k: v for k, v in stack.items() if layer_index(v[0], path) is None}
 
 
 def _read_shared_values_directly(graph: fx.Graph, layer: dict) -> None:

@@ -12,6 +12,8 @@ OFF_BY_CONFIG = {
     # Falcon's sequential blocks (old architecture, parallel_attn=False) have no in-place residual add
     ("falcon_mha", "make_adds_out_of_place"),
     ("falcon_rw", "make_adds_out_of_place"),
+    # every layer's MLP is an MoE block: no dense MLP to hook
+    *((arch, "hook_mlp") for arch in ("mixtral", "olmoe", "flex_olmo", "minimax_m2", "phimoe", "granitemoe")),
 }
 
 
