@@ -30,6 +30,10 @@ SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attentio
 
 DEFAULT = object()  # an override that keeps the config class's default (drops the SMALL entry)
 
+_MLA = dict(num_key_value_heads=4, head_dim=8, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=12, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+            moe_intermediate_size=32, first_k_dense_replace=1)
+
 # model_type -> {config name: overrides}. A family absent here runs once, as "<model_type>", with SMALL only.
 CONFIGS: dict[str, dict[str, dict]] = {
     # GPTBigCode's key/value heads follow multi_query (one, or all), not num_key_value_heads
@@ -45,6 +49,10 @@ CONFIGS: dict[str, dict[str, dict]] = {
     # rotary_dim defaults (64) exceed the small head dim
     "codegen": {"codegen": dict(rotary_dim=8)},
     "gptj": {"gptj": dict(rotary_dim=8)},
+    # DeepSeek: small latents and experts (the defaults are full size: 256 experts, LoRA ranks 512 / 1536); one
+    # dense layer then MoE layers (two layer kinds), and the V2-Lite layout without a query LoRA
+    "deepseek_v3": {"deepseek_v3": dict(_MLA)},
+    "deepseek_v2": {"deepseek_v2": dict(_MLA), "deepseek_v2-lite": dict(_MLA, q_lora_rank=None)},
     "gemma4_text": {
         # transformers' defaults: 5 sliding : 1 full, per-layer embeddings
         "gemma4_text": dict(global_head_dim=32, vocab_size_per_layer_input=512, hidden_size_per_layer_input=8),

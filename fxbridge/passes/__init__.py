@@ -8,6 +8,7 @@ from .hook_attn_result import hook_attn_result
 from .hook_embeddings import hook_embeddings
 from .hook_final_softcap import hook_final_softcap
 from .hook_logit_scale import hook_logit_scale
+from .hook_mla import hook_mla
 from .hook_mlp import hook_mlp
 from .hook_moe import hook_moe
 from .hook_norms import hook_norms
@@ -27,6 +28,7 @@ PASSES: dict[str, GraphPass] = {p.name: p for p in (
     hook_final_softcap, hook_logit_scale,
     hook_attn_result,
     alias_shared_kv, route_shared_kv, hook_shared_qkv, hook_per_layer_embeddings, hook_moe,
+    hook_mla,
     split_fused_qkv, capture_eager_attention, remove_eval_dropout, make_adds_out_of_place,
     unflatten_token_rows,
 )}

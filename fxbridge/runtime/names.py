@@ -105,6 +105,15 @@ HOOKS: tuple[HookDef, ...] = (
     HookDef(_B + "mlp.hook_shared_gate", ("B", "S", "1"), doc="the shared expert's gate, after its sigmoid"),
     HookDef(_B + "mlp.hook_shared_out", _RES, doc="the shared experts' output as added to the routed output"),
     # -- MLA rows (deepseek) --
+    # Multi-head latent attention (DeepSeek V2/V3): the compressed latents after their norms and the one rotary key
+    # all heads share. hook_q/hook_k/hook_v/hook_rot_q/hook_rot_k keep the rows above (dh: the q/k head; MLA's
+    # hook_k holds the per-head non-rotary part, hook_v / hook_z the value head, see docs).
+    HookDef(_B + "attn.hook_q_latent", ("B", "S", "Rq"), _a(_B + "attn.q_a_layernorm.hook_out"),
+            "MLA: the query latent, q_a_layernorm's output (only with a query LoRA)"),
+    HookDef(_B + "attn.hook_kv_latent", ("B", "S", "Rkv"), _a(_B + "attn.kv_a_layernorm.hook_out"),
+            "MLA: the key/value latent, kv_a_layernorm's output"),
+    HookDef(_B + "attn.hook_k_rope", ("B", "S", "1", "dr"),
+            doc="MLA: the rotary key part shared by all heads, after RoPE"),
     # -- attention-sink rows (gpt_oss) --
     HookDef(_B + "attn.hook_sink_logits", ("H",),
             doc="the learned sink logit of each head (gpt_oss `sinks`): one more softmax column, dropped after it"),

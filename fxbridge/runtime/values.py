@@ -16,7 +16,8 @@ from torch import fx
 
 from ..tracer.graph_facts import BLOCKS, hf_path, layer_index, stack_items
 
-_LETTER_DIMS = {"D": "d_model", "H": "n_heads", "Hkv": "n_kv_heads", "dh": "d_head", "V": "d_vocab", "F": "d_mlp"}
+_LETTER_DIMS = {"D": "d_model", "H": "n_heads", "Hkv": "n_kv_heads", "dh": "d_head", "V": "d_vocab", "F": "d_mlp",
+                "Rq": "q_lora_rank", "Rkv": "kv_lora_rank", "dr": "d_rope"}
 
 
 INNER_VALS = "fxbridge_inner_vals"  # on a core's node: {inner hook name: fake value it sees}

@@ -174,6 +174,7 @@ def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: t
     constants = {} if constants is None else constants
     m = len(chosen)
     layer = {n: layer_index(n, path) for n in graph.nodes}
+    _read_shared_values_directly(graph, layer)
     _hoist_sizes(graph, layer)
     body = {k: [n for n in graph.nodes if layer[n] == k and n.op != "get_attr"] for k in range(m)}
     outer = [n for n in graph.nodes if layer[n] is None]
@@ -322,6 +323,40 @@ def _residual_into_layer0(body: dict, layer: dict, outs: list) -> fx.Node | None
     return like[0] if len(like) == 1 else None
 
 
+_CASTS = {torch.ops.aten.to.dtype_layout, torch.ops.aten.to.dtype, torch.ops.aten.to.device}
+
+
+def _noop_cast(node: fx.Node) -> bool:
+    """``x.to(...)`` that changes nothing (same dtype, device, shape; no copy asked): torch returns ``x`` itself."""
+    if node.op != "call_function" or node.target not in _CASTS or not node.args:
+        return False
+    if node.kwargs.get("copy") or node.kwargs.get("memory_format") not in (None, torch.preserve_format):
+        return False
+    if node.target is torch.ops.aten.to.dtype and len(node.args) > 2 or node.target is torch.ops.aten.to.device \
+            and len(node.args) > 3:
+        return False
+    src, val = node.args[0], node.meta.get("val")
+    ref = src.meta.get("val") if isinstance(src, fx.Node) else None
+    return (isinstance(val, torch.Tensor) and isinstance(ref, torch.Tensor) and val.dtype == ref.dtype
+            and val.device == ref.device and val.layout == ref.layout and tuple(val.shape) == tuple(ref.shape))
+
+
+def _read_shared_values_directly(graph: fx.Graph, layer: dict) -> None:
+    """A layer that casts a shared value to what it already is (DeepSeek V2: ``freqs_cis.to(q.device)``) gets the
+    same tensor back, and torch.export records the next layer's cast as reading this layer's result: the same value.
+    Such reads from another layer go to the value itself, so every layer reads only its own nodes and shared ones."""
+    for node in list(graph.nodes):
+        if layer[node] is None or not _noop_cast(node):
+            continue
+        for user in list(node.users):
+            if layer[user] == layer[node]:
+                continue
+            src = node.args[0]
+            while layer[src] not in (None, layer[user]) and _noop_cast(src):
+                src = src.args[0]
+            user.replace_input_with(node, src)
+
+
 def _check_reads(body: dict, layer: dict, outs: list, carried0: fx.Node, depends: set) -> None:
     """Every captured layer, the ones captured once included, reads only its own values and weights, the layer
     before's output, and values computed before the first layer (masks, rotary tables): no other layer's values."""
@@ -410,6 +445,29 @@ def _prologue_constants(root) -> dict[str, torch.Tensor]:
     return dict(root.named_buffers(recurse=False))
 
 
+def _shallow_of_kinds(model, kinds: list, chosen: list[int], path: str):
+    """(shallow model, layers it holds): the layers ``chosen``, or where a config rule that depends on the layer index
+    builds other kinds there (DeepSeek's ``first_k_dense_replace``: layers below it dense, MoE above), the shortest
+    prefix of the layers holding the same -- a prefix keeps every index rule."""
+    tries = [chosen]
+    prefix = list(range(max(chosen) + 1))
+    if prefix != chosen and len(prefix) < len(kinds):
+        tries.append(prefix)
+    why = None
+    for layers in tries:
+        try:
+            shallow = shallow_model(model, layers, path)
+        except (_Refuse, AttributeError) as exc:  # a submodule of the model missing from the shallow copy
+            why = _Refuse(f"the shallow copy with layers {layers} does not match the model: {exc}")
+            continue
+        shallow_layers = shallow.get_submodule(path)
+        bad = [(j, i) for j, i in enumerate(layers) if layer_kind(shallow, shallow_layers, j) != kinds[i]]
+        if not bad:
+            return shallow, layers
+        why = _Refuse(f"layer {bad[0][0]} of the shallow copy differs from the model's layer {bad[0][1]}")
+    raise why
+
+
 def capture_stitched(model, path: str, export_model, unlift, *, batch: int, seq: int):
     """(root, graph, notes) of a depth-flat capture of ``model`` whose decoder layers are at ``path``, or None when
     stitching does not apply."""
@@ -428,11 +486,7 @@ def capture_stitched(model, path: str, export_model, unlift, *, batch: int, seq:
         if once:  # a layer class never seen twice: nothing shows that its code ignores its index
             raise _Refuse(f"layer {once[0]} is the only one of its class")
         start = time.perf_counter()
-        shallow = shallow_model(model, chosen, path)
-        shallow_layers = shallow.get_submodule(path)
-        for j, i in enumerate(chosen):
-            if layer_kind(shallow, shallow_layers, j) != kinds[i]:
-                raise _Refuse(f"layer {j} of the shallow copy differs from the model's layer {i}")
+        shallow, chosen = _shallow_of_kinds(model, kinds, chosen, path)
         ep = export_model(shallow, batch=batch, seq=seq)
         root, graph = unlift(ep, shallow)
         if any(name != HF_ROOT for name, _ in root.named_children()):

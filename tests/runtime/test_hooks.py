@@ -96,6 +96,11 @@ def expected_shape(name: str, dims: dict, batch: int, seq: int) -> tuple:
                       "hook_router_logits": (B, S, E), "hook_router_probs": (B, S, E), "hook_shared_gate": (B, S, 1),
                       "hook_expert_indices": (B, S, K), "hook_routing_weights": (B, S, K),
                       "hook_expert_out": (B, S, K, D)})
+    if "d_head_v" in dims:  # MLA (DeepSeek): hook_k is the per-head non-rotary key part, v and z the value head
+        dn, dv = dims["d_nope"], dims["d_head_v"]
+        table.update({"hook_k": (B, S, Hkv, dn), "hook_v": (B, S, Hkv, dv), "hook_z": (B, S, H, dv),
+                      "hook_q_latent": (B, S, dims.get("q_lora_rank")), "hook_kv_latent": (B, S, dims["kv_lora_rank"]),
+                      "hook_k_rope": (B, S, 1, dims["d_rope"])})
     if name.endswith("mlp.ln_sub.hook_normalized"):  # BitNet's MLP sub-norm: over the MLP width
         return (B, S, None)
     if leaf in table:

@@ -17,7 +17,7 @@ def _z_reader(ref, gm, layer, arch):
 
 def test_zero_head_via_hook_z_equals_manual_hf_edit(trio, arch):
     _, ref, gm = trio
-    layer, head, dh = 1, 2, gm.dims["d_head"]
+    layer, head, dh = 1, 2, gm.dims.get("d_head_v", gm.dims["d_head"])  # o_proj reads the value heads (MLA: v_head_dim)
     ids = tokens(2, 7)
 
     def zero_head(z, hook):
