@@ -5,6 +5,7 @@ from .base import GraphPass, NoMatch, PassContext, PassResult, check_order, run_
 from .capture_eager_attention import capture_eager_attention
 from .hook_attention import hook_attention
 from .hook_attn_result import hook_attn_result
+from .hook_diff_attention import hook_diff_attention
 from .hook_embeddings import hook_embeddings
 from .hook_final_softcap import hook_final_softcap
 from .hook_logit_scale import hook_logit_scale
@@ -29,6 +30,7 @@ PASSES: dict[str, GraphPass] = {p.name: p for p in (
     alias_shared_kv, route_shared_kv, hook_shared_qkv, hook_per_layer_embeddings, hook_moe,
     split_fused_qkv, capture_eager_attention, remove_eval_dropout, make_adds_out_of_place,
     unflatten_token_rows,
+    hook_diff_attention,
 )}
 
 __all__ = ["PASSES", "GraphPass", "NoMatch", "PassContext", "PassResult", "check_order", "run_passes", *PASSES]
