@@ -80,6 +80,8 @@ def expected_shape(name: str, dims: dict, batch: int, seq: int) -> tuple:
         "hook_attn_scores": (B, H, S, S), "hook_pattern": (B, H, S, S),
         "hook_scale": (B, S, 1), "hook_unembed": (B, S, dims["d_vocab"]),
         "hook_attn_scores_pre_cap": (B, H, S, S), "hook_logits": (B, S, dims["d_vocab"]),
+        # differential attention (DiffLlama): H/2 differential heads over both value halves (2*dh)
+        "hook_lambda": (1,), "hook_diff_pattern": (B, H // 2, S, S), "hook_diff": (B, S, H // 2, 2 * dh),
     }
     if "d_per_layer_input" in dims or "n_experts" in dims:  # Gemma 4: PLE [B,S,P], MoE [B,S,E|K(,D)]
         P, E, K = dims.get("d_per_layer_input"), dims.get("n_experts"), dims.get("top_k")
@@ -154,7 +156,8 @@ def test_aliases_reach_the_same_point(trio):
     _, _, gm = trio
     assert gm.resolve("blocks.1.attn.q.hook_out") == "blocks.1.attn.hook_q"
     assert gm.resolve("blocks.1.attn.o.hook_in") == "blocks.1.attn.hook_z"
-    assert gm.resolve("blocks.1.mlp.out.hook_in") == "blocks.1.mlp.hook_post"
+    if "blocks.1.mlp.hook_post" in gm.hook_dict:  # MoE-only MLPs (JetMoE) have no dense hook_post
+        assert gm.resolve("blocks.1.mlp.out.hook_in") == "blocks.1.mlp.hook_post"
     assert gm.resolve("blocks.1.hook_out") == "blocks.1.hook_resid_post"
 
 
