@@ -50,8 +50,9 @@ FEATURE_GUARDS: dict = {
 DIFF = ["attn.hook_lambda", "attn.hook_diff_pattern", "attn.hook_diff"]
 ROUTED = ["hook_router_logits", "hook_expert_indices", "hook_routing_weights", "hook_expert_out"]
 FAMILY: dict = {
-    "diffllama": dict(rotary=True, gated=True, pos=False, extra=DIFF),
+    "diffllama": dict(rotary=True, gated=True, pos=False, extra=DIFF, z_of_values=None),
     # no dense MLP: hook_pre / hook_post do not exist; both routers and their slots are hooked
     "jetmoe": dict(rotary=True, gated=False, pos=False, drop=["mlp.hook_pre", "mlp.hook_post"],
-                   extra=[f"{m}.{h}" for m in ("attn", "mlp") for h in ROUTED], zero_head_in_hf=_jetmoe_zero_head),
+                   extra=[f"{m}.{h}" for m in ("attn", "mlp") for h in ROUTED], zero_head_in_hf=_jetmoe_zero_head,
+                   z_of_values=lambda v, n_rep: v.repeat(1, 1, n_rep, 1)),
 }
