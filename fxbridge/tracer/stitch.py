@@ -30,6 +30,7 @@ import time
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from .attention_op import AttentionCall
 from .graph_facts import HF_ROOT, hf_path, hf_target, layer_index, relayer, relayer_meta
@@ -210,6 +211,7 @@ def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: t
         return attrs[target]
 
     first_compute: list[fx.Node] = []
+    sizes: dict[fx.Node, fx.Node] = {}  # a size computed in a captured layer -> its first copy
     for n in graph.nodes:
         if layer[n] is None and n not in depends and n.op != "output":
             env[n] = new.node_copy(n, lambda a: env[a]) if n.op != "get_attr" else get_attr(n.target, n)
@@ -232,18 +234,25 @@ def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: t
                 return get_attr(name, a)
             if (t == 0 and a is carried0) or (t > 0 and a is outs[t - 1]):
                 return prev_out
+            if a not in env and a in sizes:  # a size another layer computed: its first copy (the same expression)
+                return sizes[a]
             return env[a]
 
         for n in body[t]:
+            if _is_size(n) and n in sizes:  # computed once, as export does (one node per size expression)
+                local[n] = sizes[n]
+                continue
             copied = new.node_copy(n, arg)
             copied.meta = relayer_meta(n.meta, path, t, i)
+            if _is_size(n):
+                sizes[n] = copied
             if AttentionCall.is_op(copied):
                 copied.args = AttentionCall.of(copied).with_layer(i).args
             local[n] = copied
         prev_out = local[outs[t]]
     last = outs[m - 1]
     for n in epilogue + [graph.output_node()]:
-        env[n] = new.node_copy(n, lambda a: prev_out if a is last else env[a])
+        env[n] = new.node_copy(n, lambda a: prev_out if a is last else env[a] if a in env else sizes[a])
     _fix_devices(new, device)
     return new
 
@@ -256,8 +265,15 @@ class _nullctx:
         return False
 
 
+def _is_size(node: fx.Node) -> bool:
+    """A symbolic size computed from the inputs' sizes only (``B*S``): export computes such an expression once and
+    later layers reuse that node (JetMoE's ``zeros(B*S, D)`` in every layer), so it is no value a layer hands on."""
+    val = node.meta.get("val")
+    return isinstance(val, torch.SymInt) and not free_unbacked_symbols(val)
+
+
 def _layer_output(nodes: list[fx.Node], layer: dict, k: int) -> fx.Node:
-    outs = [n for n in nodes if any(layer[u] != k for u in n.users)]
+    outs = [n for n in nodes if not _is_size(n) and any(layer[u] != k for u in n.users)]
     if len(outs) != 1:
         raise _Refuse(f"layer {k} hands {len(outs)} values on, expected 1")
     return outs[0]
@@ -268,7 +284,8 @@ def _check_pairs(body: dict, layer: dict, outs: list, pairs: list, path: str, co
     residual."""
     carried0 = None
     for a, b in pairs:
-        a_nodes, b_nodes = body[a], body[b]
+        # sizes are compared by expression where they are read: a later layer may reuse an earlier one's
+        a_nodes, b_nodes = [n for n in body[a] if not _is_size(n)], [n for n in body[b] if not _is_size(n)]
         if len(a_nodes) != len(b_nodes):
             raise _Refuse(f"layers {a} and {b} captured to {len(a_nodes)} and {len(b_nodes)} nodes")
         pos_a = {n: j for j, n in enumerate(a_nodes)}
@@ -301,7 +318,8 @@ def _check_reads(body: dict, layer: dict, outs: list, carried0: fx.Node, depends
         incoming = carried0 if t == 0 else outs[t - 1]
         for n in nodes:
             for a in n.all_input_nodes:
-                if a is incoming or layer[a] == t or (layer[a] is None and a not in depends):
+                if a is incoming or layer[a] == t or (layer[a] is None and a not in depends) or (
+                        _is_size(a) and layer[a] is not None and layer[a] < t):  # a size an earlier layer computed
                     continue
                 raise _Refuse(f"layer {t} reads {a.name} of layer {layer[a]}")
 
@@ -326,6 +344,8 @@ def _same_source(x, y, a, b, layer, pos_a, pos_b, outs, carried0, path, constant
         if a == 0 and layer[x] is None and carried0 in (None, x):
             return x
     if x is y and layer[x] is None:  # shared values: masks, rotary tables, position ids
+        return carried0
+    if _is_size(x) and _is_size(y) and x.meta["val"].node.expr == y.meta["val"].node.expr:  # one size (B*S)
         return carried0
     if _same_constant(x, y, layer, constants):  # per-layer copies of one constant (Falcon's index lists)
         return carried0

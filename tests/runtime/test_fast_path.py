@@ -238,7 +238,12 @@ SLOW = pytest.mark.slow  # each case traces twice (stitched and full): the other
         COMMON, num_hidden_layers=8, sliding_window=4, global_head_dim=32, hidden_size_per_layer_input=0,
         layer_types=["sliding_attention", "full_attention"] * 4)), 8, 6,
         marks=[SLOW, pytest.mark.skipif(not hasattr(tf, "Gemma4TextConfig"), reason="transformers < 5.5")]),
-], ids=["llama", "gemma2", "gemma3_period3", "gemma3_5to1", "falcon_7b", "falcon_rw_alibi", "falcon_40b", "gemma4"])
+    # JetMoE: export computes B*S once, in layer 0, and every later layer's zeros(B*S, D) reuses that size node
+    pytest.param(lambda: tf.JetMoeConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_local_experts=4, num_experts_per_tok=2, kv_channels=12,
+                                         num_key_value_heads=2, tie_word_embeddings=False), 4, 2, marks=SLOW),
+], ids=["llama", "gemma2", "gemma3_period3", "gemma3_5to1", "falcon_7b", "falcon_rw_alibi", "falcon_40b", "gemma4",
+        "jetmoe"])
 def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, sampled):
     from fxbridge.architectures import get_spec
     from fxbridge.tracer import capture
