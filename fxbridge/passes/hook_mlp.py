@@ -27,8 +27,14 @@ from .split_fused_qkv import _match_region, _Probe
 aten = torch.ops.aten
 
 
+def _dense_layers(spec, n_layers: int) -> list[int]:
+    """Layers with a dense MLP: all but those whose MLP is a mixture of experts (``spec.moe_layers``)."""
+    moe = () if spec.moe_beside_mlp else set(spec.moe_layers)
+    return [i for i in range(n_layers) if i not in moe]
+
+
 def _expected(spec, dims, post_input=None) -> int:
-    return dims["n_layers"] * (3 if spec.mlp_gate else 2)
+    return len(_dense_layers(spec, dims["n_layers"])) * (3 if spec.mlp_gate else 2)
 
 
 def _fused_halves(ctx: PassContext, fused, mlp_path: str, where: str):
@@ -78,7 +84,7 @@ def hook_mlp(ctx: PassContext, *, post_input: str | None = None) -> int:
     """
     spec, graph = ctx.spec, ctx.graph
     found = 0
-    for layer in range(ctx.dims["n_layers"]):
+    for layer in _dense_layers(spec, ctx.dims["n_layers"]):
         mlp_path = spec.mlp_path(layer)
         pre_path = spec.mlp_path(layer, spec.mlp_gate or spec.mlp_in)
         if spec.mlp_gate and spec.mlp_gate == spec.mlp_in:  # fused [gate | up]
