@@ -37,6 +37,7 @@ def _jetmoe_dims(config) -> dict[str, int]:
 JETMOE = ArchSpec(
     model_types=("jetmoe",), family="JetMoE", attn="self_attention", q=None, k=None, v=None, o_proj="experts",
     mlp="mlp", mlp_gate=None, mlp_in="input_linear", mlp_out="output_linear", dims_of=_jetmoe_dims,
+    configure=lambda config: dict(moe_layers=tuple(range(config.num_hidden_layers))),  # every MLP is the MoE
     passes=(hook_embeddings, hook_jetmoe, hook_norms, hook_residual, hook_unembed),
     notes="mixture of attention heads: a top-K router picks the query/output experts (`attn.hook_router_logits`, "
           "`hook_expert_indices`, `hook_routing_weights`, `hook_expert_out` [B,S,K,D]); H = K x kv heads, head "
