@@ -12,7 +12,8 @@ mask and the two halves of V (``v1, v2 = (h.repeat(1, 2, 1, 1) for h in chunk(v,
                                                            [B,H/2,S,S] = A_j - lam A_{j+H/2})
     d = hook_diff(d)                                      [B,S,H/2,2dh]
     o_proj input viewed [B,S,H,dh] = hook_z
-The core runs one fused SDPA over [v1|v2] and HF's ``z1 - lam * z2`` while nothing is hooked; with
+The core runs HF's two fused SDPA calls and ``z1 - lam * z2`` while nothing is hooked, one eager softmax over
+[v1|v2] when a score / pattern hook is attached; with
 ``hook_diff_pattern`` hooked it multiplies the (edited) difference map with the values, which equals HF's
 combination (both heads of a pair read the same value head: checked from the graph's chunk/repeat).
 """
@@ -52,11 +53,12 @@ class DiffAttentionCore(FastCallModule):
                 or self.hook_diff_pattern.has_hooks)
 
     def forward(self, q, k, v1, v2, mask, lam):
-        v = torch.cat([v1, v2], dim=-1)
-        if not self.needs_eager():
-            z = fused_attention(q, k, v, mask, self.scaling)
+        if not self.needs_eager():  # HF's two calls (equal head sizes keep SDPA on its fast kernels), HF's combination
+            z = torch.cat([fused_attention(q, k, v1, mask, self.scaling), fused_attention(q, k, v2, mask, self.scaling)],
+                          dim=-1)
             z1, z2 = torch.chunk(z, 2, dim=2)
             return z1 - lam * z2
+        v = torch.cat([v1, v2], dim=-1)
         n_rep = q.shape[1] // k.shape[1]  # HF's eager attention: repeat_kv, q k^T * scale + mask, fp32 softmax
         if n_rep > 1:
             k = k.repeat_interleave(n_rep, dim=1)

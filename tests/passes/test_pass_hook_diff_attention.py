@@ -77,7 +77,7 @@ def test_two_calls_become_one_core_with_lambda_difference_and_z_hooks():
     assert all(isinstance(root.get_submodule(f"blocks.{i}.attn"), DiffAttentionCore) for i in range(2))
     ids = tokens()
     want = eager(t.model, ids)
-    assert max_diff(run(root, graph, ids), want) < TOL  # unhooked: one fused SDPA over [v1|v2]
+    assert max_diff(run(root, graph, ids), want) < TOL  # unhooked: HF's two fused SDPA calls
     names = [f"blocks.0.attn.{h}" for h in ("hook_pattern", "hook_lambda", "hook_diff_pattern")]
     seen = watch(root, names)  # the difference hook makes the core multiply the difference map with V
     assert max_diff(run(root, graph, ids), want) < TOL
