@@ -30,7 +30,6 @@ import time
 
 import torch
 from torch import fx
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from .attention_op import AttentionCall
 from .graph_facts import HF_ROOT, hf_path, hf_target, layer_index, relayer, relayer_meta
@@ -172,6 +171,7 @@ def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: t
     constants = {} if constants is None else constants
     m = len(chosen)
     layer = {n: layer_index(n, path) for n in graph.nodes}
+    _hoist_sizes(graph, layer)
     body = {k: [n for n in graph.nodes if layer[n] == k and n.op != "get_attr"] for k in range(m)}
     outer = [n for n in graph.nodes if layer[n] is None]
     depends = set()  # outer nodes computed from some layer's output: the epilogue
@@ -211,7 +211,6 @@ def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: t
         return attrs[target]
 
     first_compute: list[fx.Node] = []
-    sizes: dict[fx.Node, fx.Node] = {}  # a size computed in a captured layer -> its first copy
     for n in graph.nodes:
         if layer[n] is None and n not in depends and n.op != "output":
             env[n] = new.node_copy(n, lambda a: env[a]) if n.op != "get_attr" else get_attr(n.target, n)
@@ -234,27 +233,30 @@ def stitch(graph: fx.Graph, path: str, kinds: list, chosen: list[int], device: t
                 return get_attr(name, a)
             if (t == 0 and a is carried0) or (t > 0 and a is outs[t - 1]):
                 return prev_out
-            if a not in env and a in sizes:  # a size another layer computed: its first copy (the same expression)
-                return sizes[a]
             return env[a]
 
         for n in body[t]:
-            if _is_size(n) and n in sizes:  # computed once, as export does (one node per size expression)
-                local[n] = sizes[n]
-                continue
             copied = new.node_copy(n, arg)
             copied.meta = relayer_meta(n.meta, path, t, i)
-            if _is_size(n):
-                sizes[n] = copied
             if AttentionCall.is_op(copied):
                 copied.args = AttentionCall.of(copied).with_layer(i).args
             local[n] = copied
         prev_out = local[outs[t]]
     last = outs[m - 1]
     for n in epilogue + [graph.output_node()]:
-        env[n] = new.node_copy(n, lambda a: prev_out if a is last else env[a] if a in env else sizes[a])
+        env[n] = new.node_copy(n, lambda a: prev_out if a is last else env[a])
     _fix_devices(new, device)
     return new
+
+
+def _hoist_sizes(graph: fx.Graph, layer: dict) -> None:
+    """Symbolic sizes a layer computes from the inputs' sizes alone (``B*S`` tokens in an MoE block) belong to no
+    layer: torch.export computes each once, where first needed, and later layers read it from there. They are
+    treated as prologue values (so each layer copy reads the same one)."""
+    for n in graph.nodes:
+        if layer[n] is not None and n.op == "call_function" and isinstance(n.meta.get("val"), (torch.SymInt, int)) \
+                and all(layer[a] is None for a in n.all_input_nodes):
+            layer[n] = None
 
 
 class _nullctx:
@@ -265,15 +267,8 @@ class _nullctx:
         return False
 
 
-def _is_size(node: fx.Node) -> bool:
-    """A symbolic size computed from the inputs' sizes only (``B*S``): export computes such an expression once and
-    later layers reuse that node (JetMoE's ``zeros(B*S, D)`` in every layer), so it is no value a layer hands on."""
-    val = node.meta.get("val")
-    return isinstance(val, torch.SymInt) and not free_unbacked_symbols(val)
-
-
 def _layer_output(nodes: list[fx.Node], layer: dict, k: int) -> fx.Node:
-    outs = [n for n in nodes if not _is_size(n) and any(layer[u] != k for u in n.users)]
+    outs = [n for n in nodes if any(layer[u] != k for u in n.users)]
     if len(outs) != 1:
         raise _Refuse(f"layer {k} hands {len(outs)} values on, expected 1")
     return outs[0]
@@ -284,8 +279,7 @@ def _check_pairs(body: dict, layer: dict, outs: list, pairs: list, path: str, co
     residual."""
     carried0 = None
     for a, b in pairs:
-        # sizes are compared by expression where they are read: a later layer may reuse an earlier one's
-        a_nodes, b_nodes = [n for n in body[a] if not _is_size(n)], [n for n in body[b] if not _is_size(n)]
+        a_nodes, b_nodes = body[a], body[b]
         if len(a_nodes) != len(b_nodes):
             raise _Refuse(f"layers {a} and {b} captured to {len(a_nodes)} and {len(b_nodes)} nodes")
         pos_a = {n: j for j, n in enumerate(a_nodes)}
@@ -307,8 +301,22 @@ def _check_pairs(body: dict, layer: dict, outs: list, pairs: list, path: str, co
                     raise _Refuse(f"{x_node.name} / {y_node.name} differ in constant {x!r} / {y!r} "
                                   "(index-dependent code)")
     if carried0 is None:
+        carried0 = _residual_into_layer0(body, layer, outs)
+    if carried0 is None:
         raise _Refuse("could not find the residual stream entering layer 0 (the first layer's kind occurs once)")
     return carried0
+
+
+def _residual_into_layer0(body: dict, layer: dict, outs: list) -> fx.Node | None:
+    """Where layer 0's kind occurs once (dense layers before MoE ones), its incoming residual is the one value from
+    before the layers it reads that has its output's shape and dtype (a layer maps [B,S,D] to [B,S,D])."""
+    out = outs[0].meta.get("val")
+    if not isinstance(out, torch.Tensor):
+        return None
+    reads = {a for n in body[0] for a in n.all_input_nodes if layer[a] is None and a.op != "get_attr"}
+    like = [a for a in reads if isinstance(a.meta.get("val"), torch.Tensor) and a.meta["val"].dtype == out.dtype
+            and tuple(map(str, a.meta["val"].shape)) == tuple(map(str, out.shape))]
+    return like[0] if len(like) == 1 else None
 
 
 def _check_reads(body: dict, layer: dict, outs: list, carried0: fx.Node, depends: set) -> None:
@@ -318,8 +326,7 @@ def _check_reads(body: dict, layer: dict, outs: list, carried0: fx.Node, depends
         incoming = carried0 if t == 0 else outs[t - 1]
         for n in nodes:
             for a in n.all_input_nodes:
-                if a is incoming or layer[a] == t or (layer[a] is None and a not in depends) or (
-                        _is_size(a) and layer[a] is not None and layer[a] < t):  # a size an earlier layer computed
+                if a is incoming or layer[a] == t or (layer[a] is None and a not in depends):
                     continue
                 raise _Refuse(f"layer {t} reads {a.name} of layer {layer[a]}")
 
@@ -344,8 +351,6 @@ def _same_source(x, y, a, b, layer, pos_a, pos_b, outs, carried0, path, constant
         if a == 0 and layer[x] is None and carried0 in (None, x):
             return x
     if x is y and layer[x] is None:  # shared values: masks, rotary tables, position ids
-        return carried0
-    if _is_size(x) and _is_size(y) and x.meta["val"].node.expr == y.meta["val"].node.expr:  # one size (B*S)
         return carried0
     if _same_constant(x, y, layer, constants):  # per-layer copies of one constant (Falcon's index lists)
         return carried0
