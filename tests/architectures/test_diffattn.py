@@ -338,3 +338,39 @@ def test_jetmoe_attention_zeroing_a_routing_weight_equals_hf_without_that_slot(j
     assert _diff(got, expected) < TOL
     assert _diff(got_slot, expected) < TOL
     assert _diff(got, gm(ids)) > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["diffllama", "jetmoe"])
+def test_rotated_queries_and_keys_are_hfs_rotary_of_the_projections(arch):
+    """hook_q / hook_k / hook_rot_q / hook_rot_k against HF: the projections' outputs (forward hooks; JetMoE's
+    queries by hand from its query experts' weights) and HF's apply_rotary_pos_emb with its rotary module's cos/sin.
+    JetMoE's rot_k is before HF repeats the keys over the K slots."""
+    import importlib
+    _, ref, gm = traced(arch)
+    hf = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    B, S, H, Hkv, dh = 2, 7, gm.dims["n_heads"], gm.dims["n_kv_heads"], gm.dims["d_head"]
+    ids = tokens(B, S)
+    layer = ref.model.layers[1]
+    paths = ["model.layers.1.input_layernorm"] + (
+        ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"] if arch == "diffllama"
+        else ["model.layers.1.self_attention.kv_proj"])
+    seen, _ = _record(ref, paths, ids)
+    with torch.no_grad():
+        _, cache = gm.run_with_cache(ids, names_filter=lambda n: n.startswith("blocks.1.attn."))
+        x = seen["model.layers.1.input_layernorm"]
+        if arch == "diffllama":
+            q, k = seen["model.layers.1.self_attn.q_proj"], seen["model.layers.1.self_attn.k_proj"]
+        else:
+            moa = layer.self_attention.experts
+            flat = x.reshape(B * S, -1)
+            _, idx, _ = _gating(moa.router, flat)
+            q = torch.stack([torch.cat([F.linear(flat[t], moa.input_linear.weight[e]) for e in idx[t]])
+                             for t in range(B * S)]).view(B, S, -1)
+            k = seen["model.layers.1.self_attention.kv_proj"].chunk(2, dim=-1)[0]
+        q, k = q.unflatten(-1, (H, dh)), k.unflatten(-1, (Hkv, dh))
+        cos, sin = ref.model.rotary_emb(x, torch.arange(S)[None])
+        rot_q, rot_k = hf.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    assert _diff(cache["q", 1], q) < TOL and _diff(cache["k", 1], k) < TOL
+    assert _diff(cache["rot_q", 1], rot_q.transpose(1, 2)) < TOL
+    assert _diff(cache["rot_k", 1], rot_k.transpose(1, 2)) < TOL
+    assert _diff(cache["rot_q", 1], cache["q", 1]) > 1e-3  # the rotation did something
