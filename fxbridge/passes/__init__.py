@@ -5,7 +5,9 @@ from .base import GraphPass, NoMatch, PassContext, PassResult, check_order, run_
 from .capture_eager_attention import capture_eager_attention
 from .hook_attention import hook_attention
 from .hook_attn_result import hook_attn_result
+from .hook_diff_attention import hook_diff_attention
 from .hook_embeddings import hook_embeddings
+from .hook_jetmoe import hook_jetmoe
 from .hook_final_softcap import hook_final_softcap
 from .hook_logit_scale import hook_logit_scale
 from .hook_mla import hook_mla
@@ -31,6 +33,7 @@ PASSES: dict[str, GraphPass] = {p.name: p for p in (
     hook_mla,
     split_fused_qkv, capture_eager_attention, remove_eval_dropout, make_adds_out_of_place,
     unflatten_token_rows,
+    hook_diff_attention, hook_jetmoe,
 )}
 
 __all__ = ["PASSES", "GraphPass", "NoMatch", "PassContext", "PassResult", "check_order", "run_passes", *PASSES]

@@ -118,6 +118,20 @@ HOOKS: tuple[HookDef, ...] = (
     HookDef(_B + "attn.hook_sink_logits", ("H",),
             doc="the learned sink logit of each head (gpt_oss `sinks`): one more softmax column, dropped after it"),
     # -- differential-attention / mixture-of-attention rows (diffllama, jetmoe) --
+    # DiffLlama: hook_attn_scores / hook_pattern [B,H,S,S] hold both maps (differential head j: heads j and j+H/2)
+    HookDef(_B + "attn.hook_lambda", ("1",), doc="differential attention: lambda = exp(q1.k1) - exp(q2.k2) + lambda_init"),
+    HookDef(_B + "attn.hook_diff_pattern", ("B", "H/2", "S", "S"),
+            doc="differential attention: pattern[:, j] - lambda * pattern[:, j + H/2], the map each head applies"),
+    HookDef(_B + "attn.hook_diff", ("B", "S", "H/2", "2dh"),
+            doc="differential attention: diff_pattern @ [v1|v2] per differential head, before the group norm"),
+    # JetMoE's mixture of attention heads: a router picks K query/output expert pairs per token (H = K * Hkv)
+    HookDef(_B + "attn.hook_router_logits", ("B", "S", "E"), _a(_B + "attn.experts.router.hook_out"),
+            "attention router logits (mixture of attention heads)"),
+    HookDef(_B + "attn.hook_expert_indices", ("B", "S", "K"), doc="attention experts chosen per token (int64)"),
+    HookDef(_B + "attn.hook_routing_weights", ("B", "S", "K"),
+            doc="softmax over the chosen attention experts' logits; scales each slot's output projection"),
+    HookDef(_B + "attn.hook_expert_out", ("B", "S", "K", "D"),
+            doc="each attention slot's weighted output projection (the slots sum to hook_attn_out - bias)"),
     # -- llama4 / dbrx rows --
     HookDef(_B + "hook_moe_out", _RES, doc="the MoE branch added to the residual"),
     HookDef(_B + "ple.hook_per_layer_input", ("B", "S", "P"), doc="the layer's per-layer input"),

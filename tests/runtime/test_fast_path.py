@@ -244,8 +244,12 @@ SLOW = pytest.mark.slow  # each case traces twice (stitched and full): the other
     # a dense first layer, then MoE layers with a shared expert: two kinds, layer 0's occurring once (layers 0 1 2)
     (lambda: tf.Glm4MoeConfig(**dict(COMMON, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
                                      n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1)), 5, 3),
+    # JetMoE: its own gating and parallel experts in attention and MLP, every layer reading B*S from layer 0
+    pytest.param(lambda: tf.JetMoeConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_local_experts=4, num_experts_per_tok=2, kv_channels=12,
+                                         num_key_value_heads=2, tie_word_embeddings=False), 4, 2, marks=SLOW),
 ], ids=["llama", "gemma2", "gemma3_period3", "gemma3_5to1", "falcon_7b", "falcon_rw_alibi", "falcon_40b", "gemma4",
-        "mixtral", "glm4_moe_dense_first"])
+        "mixtral", "glm4_moe_dense_first", "jetmoe"])
 def test_stitched_capture_equals_full_capture(monkeypatch, make, n_layers, sampled):
     from fxbridge.architectures import get_spec
     from fxbridge.tracer import capture

@@ -89,6 +89,8 @@ def expected_shape(name: str, dims: dict, batch: int, seq: int) -> tuple:
         "hook_scale": (B, S, 1), "hook_unembed": (B, S, dims["d_vocab"]),
         "hook_attn_scores_pre_cap": (B, H, S, S), "hook_logits": (B, S, dims["d_vocab"]),
         "hook_sink_logits": (H,),
+        # differential attention (DiffLlama): H/2 differential heads over both value halves (2*dh)
+        "hook_lambda": (1,), "hook_diff_pattern": (B, H // 2, S, S), "hook_diff": (B, S, H // 2, 2 * dh),
     }
     if "d_per_layer_input" in dims or "n_experts" in dims:  # Gemma 4: PLE [B,S,P], MoE [B,S,E|K(,D)]
         P, E, K = dims.get("d_per_layer_input"), dims.get("n_experts"), dims.get("top_k")
