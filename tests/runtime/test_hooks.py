@@ -49,7 +49,7 @@ def golden(arch: str, n_layers: int) -> set[str]:
     """Facts: rotary, gated, pos (learned positions), sandwich, attn_softcap, final_softcap, parallel (no
     resid_mid), ln2=False (one norm), extra (more per-layer hooks), drop (per-layer hooks the family lacks),
     nope_layers (layers without rotary: no rot hooks), kv_shared_layers (no k/v hooks), top (more model-level
-    hooks), final_norm=False (no ln_final)."""
+    hooks), final_norm=False (no ln_final), moe_layers (layers with the `moe` hooks instead of the `dense` ones)."""
     f = FAMILY[arch]
     per_layer = LAYER_HOOKS + (ROTARY if f["rotary"] else []) + (GATED if f["gated"] else [])
     per_layer += (SANDWICH if f.get("sandwich") else []) + (ATTN_SOFTCAP if f.get("attn_softcap") else [])
@@ -68,6 +68,9 @@ def golden(arch: str, n_layers: int) -> set[str]:
         names.add("hook_logits")
     shared = {f"blocks.{i}.attn.{h}" for i in f.get("kv_shared_layers", ()) for h in ("hook_k", "hook_v")}
     shared |= {f"blocks.{i}.{h}" for i in f.get("nope_layers", ()) for h in ROTARY}
+    # interleaved MoE layers (Llama 4): the layers in moe_layers have the `moe` hooks instead of the `dense` ones
+    shared |= {f"blocks.{i}.{h}" for i in f.get("moe_layers", ()) for h in f.get("dense", ())}
+    names |= {f"blocks.{i}.{h}" for i in f.get("moe_layers", ()) for h in f.get("moe", ())}
     return (names | {f"blocks.{i}.{h}" for i in range(n_layers) for h in per_layer}) - shared
 
 
@@ -154,7 +157,8 @@ def test_aliases_reach_the_same_point(trio):
     _, _, gm = trio
     assert gm.resolve("blocks.1.attn.q.hook_out") == "blocks.1.attn.hook_q"
     assert gm.resolve("blocks.1.attn.o.hook_in") == "blocks.1.attn.hook_z"
-    assert gm.resolve("blocks.1.mlp.out.hook_in") == "blocks.1.mlp.hook_post"
+    dense = next(i for i in (1, 0, 2) if f"blocks.{i}.mlp.hook_post" in gm.hook_dict)  # Llama 4: layer 1 is MoE
+    assert gm.resolve(f"blocks.{dense}.mlp.out.hook_in") == f"blocks.{dense}.mlp.hook_post"
     assert gm.resolve("blocks.1.hook_out") == "blocks.1.hook_resid_post"
 
 
