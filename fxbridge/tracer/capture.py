@@ -17,6 +17,7 @@ trace the model again on its real device.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -161,20 +162,45 @@ def _unlift(ep, model) -> tuple[torch.nn.Module, fx.Graph]:
     return root, graph
 
 
-def capture(model, *, layers: str | None, batch: int = 2, seq: int = 7) -> Captured:
+@contextlib.contextmanager
+def replaced_forwards(model, forwards):
+    """While inside, the model's module classes named in ``forwards`` ((class name, forward) pairs, the spec's
+    ``capture_forwards``) run the given forward; the classes get their own back afterwards."""
+    wanted = dict(forwards)
+    classes = {type(m) for m in model.modules() if type(m).__name__ in wanted}
+    missing = set(wanted) - {c.__name__ for c in classes}
+    if missing:
+        raise CaptureError(f"the spec replaces the forward of {sorted(missing)} during capture, but "
+                           f"{type(model).__name__} has no such module")
+    saved = {cls: cls.__dict__.get("forward") for cls in classes}
+    try:
+        for cls in classes:
+            cls.forward = wanted[cls.__name__]
+        yield
+    finally:
+        for cls, fwd in saved.items():
+            if fwd is None:
+                del cls.forward
+            else:
+                cls.forward = fwd
+
+
+def capture(model, *, layers: str | None, batch: int = 2, seq: int = 7, forwards=()) -> Captured:
     """Capture ``model`` into a graph whose get_attr nodes point at the model's own parameters.
 
     ``layers`` is the path of the decoder layers (the spec's ``layers``): their repetition is what stitching uses;
-    None captures every layer.
+    None captures every layer. ``forwards``: the spec's ``capture_forwards`` (see ``replaced_forwards``).
     """
     start = time.perf_counter()
-    stitched = None if layers is None else capture_stitched(model, layers, export_model, _unlift, batch=batch, seq=seq)
-    if stitched is not None:
-        root, graph, notes = stitched
-    else:
-        ep = export_model(model, batch=batch, seq=seq)
-        root, graph = _unlift(ep, model)
-        notes = ["captured every layer"]
+    with replaced_forwards(model, forwards):
+        stitched = None if layers is None else capture_stitched(model, layers, export_model, _unlift, batch=batch,
+                                                                seq=seq)
+        if stitched is not None:
+            root, graph, notes = stitched
+        else:
+            ep = export_model(model, batch=batch, seq=seq)
+            root, graph = _unlift(ep, model)
+            notes = ["captured every layer"]
     seconds = time.perf_counter() - start
     log.info("captured %s in %.1fs (%d nodes; %s)", type(model).__name__, seconds, len(graph.nodes), notes[0])
     return Captured(root=root, graph=graph, seconds=seconds, example_shape=(batch, seq), notes=notes)
