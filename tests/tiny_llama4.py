@@ -12,8 +12,17 @@ LLAMA4_MOE_LAYERS = (1, 3)
 MOE = ["mlp.hook_router_logits", "mlp.hook_expert_indices", "mlp.hook_routing_weights", "mlp.hook_expert_out"]
 DENSE = ["mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"]
 
+# DBRX: 2 layers, GQA (2 KV heads) in a fused Wqkv clamped at 0.15 (the clamp bites at these weights), 4 experts
+# top-2 of width 32 with p=1 normalised weights. HF's DbrxAttention (5.15 and 5.24) reads attn_config.rope_theta,
+# which DbrxAttentionConfig does not define (the rotary reads rope_parameters): it is given in both.
+DBRX = dict(vocab_size=128, d_model=64, n_heads=4, n_layers=2, max_seq_len=128,
+            attn_config=dict(clip_qkv=0.15, kv_n_heads=2, rope_theta=10000.0),
+            ffn_config=dict(moe_num_experts=4, moe_top_k=2, ffn_hidden_size=32),
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+
 CONFIGS: dict[str, TinyConfig] = {
     "llama4_text": TinyConfig("Llama4TextConfig", **LLAMA4),
+    "dbrx": TinyConfig("DbrxConfig", **DBRX),
 }
 
 
@@ -29,13 +38,24 @@ def _llama4(m) -> bool:
             and layers[0].feed_forward.up_proj.out_features == 96)
 
 
+def _dbrx(m) -> bool:
+    attn, ffn = m.transformer.blocks[0].norm_attn_norm.attn, m.transformer.blocks[0].ffn
+    return (attn.clip_qkv == 0.15 and attn.num_key_value_heads == 2 and attn.Wqkv.out_features == 64 + 2 * 32
+            and ffn.top_k == 2 and ffn.experts.num_experts == 4 and ffn.moe_normalize_expert_weights == 1.0
+            and m.transformer.blocks[0].norm_attn_norm.norm_1.bias is None)
+
+
 FEATURE_GUARDS: dict = {
     "llama4_text": _llama4,
+    "dbrx": _dbrx,
 }
 FAMILY: dict = {
     # layer 3 is NoPE: no rot hooks; MoE layers have the routing hooks instead of the dense MLP's
     "llama4_text": dict(rotary=True, gated=True, pos=False, nope_layers=(3,), moe_layers=LLAMA4_MOE_LAYERS,
                         moe=MOE + ["mlp.hook_shared_out"], dense=DENSE),
+    # every layer MoE, no dense MLP, no shared expert; top-k reads the softmax of the logits
+    "dbrx": dict(rotary=True, gated=False, pos=False, extra=MOE + ["mlp.hook_router_probs"],
+                 drop=["mlp.hook_pre", "mlp.hook_post"]),
 }
 
 

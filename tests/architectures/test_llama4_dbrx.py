@@ -192,3 +192,116 @@ def test_llama4_top2_logits_and_slots():
     assert cache["blocks.1.mlp.hook_expert_out"].shape == (2, 9, 2, 64)
     torch.testing.assert_close(cache["blocks.1.mlp.hook_expert_out"].sum(2) + cache["blocks.1.mlp.hook_shared_out"],
                                cache["blocks.1.hook_mlp_out"], atol=TOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- DBRX
+DBRX = arch_params(["dbrx"])
+
+
+def _dbrx_expert(experts, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert e of HF's DbrxExperts on x [..., D], by hand from its fused w1 / v1 / w2 parameters."""
+    mlp = experts.mlp
+    f, d = experts.ffn_hidden_size, experts.hidden_size
+    w1, v1, w2 = (p.view(-1, f, d)[e] for p in (mlp.w1, mlp.v1, mlp.w2))
+    return (F.silu(x @ w1.T) * (x @ v1.T)) @ w2
+
+
+@pytest.mark.parametrize("arch", DBRX)
+def test_dbrx_logits_plain_and_left_padded(arch):
+    _, ref, gm = traced(arch)
+    ids = tokens(2, 9)
+    with torch.no_grad():
+        assert (gm(ids) - ref(ids).logits).abs().max().item() < TOL
+        ids, mask = left_padded(3, 9, [0, 2, 5])
+        diff = (gm(ids, attention_mask=mask) - ref(ids, attention_mask=mask).logits).abs() * mask[..., None]
+    assert diff.max().item() < TOL
+
+
+@pytest.mark.parametrize("arch", DBRX)
+def test_dbrx_qkv_are_the_clamped_wqkv_split(arch):
+    model, ref, gm = traced(arch)
+    ids = tokens(2, 9)
+    B, S = ids.shape
+    path = "transformer.blocks.1.norm_attn_norm.attn.Wqkv"
+    seen, _ = _record(ref, [path], ids)
+    with torch.no_grad():
+        _, cache = gm.run_with_cache(ids, names_filter=lambda n: n.startswith("blocks.1.attn.hook_"))
+    raw = seen[path][1]
+    clip = model.config.attn_config.clip_qkv
+    assert (raw.abs() > clip).float().mean() > 0.05  # the clamp bites
+    q, k, v = raw.clamp(-clip, clip).split([64, 32, 32], dim=-1)
+    torch.testing.assert_close(cache["blocks.1.attn.hook_q"], q.view(B, S, 4, 16), atol=TOL, rtol=0)
+    torch.testing.assert_close(cache["blocks.1.attn.hook_k"], k.view(B, S, 2, 16), atol=TOL, rtol=0)
+    torch.testing.assert_close(cache["blocks.1.attn.hook_v"], v.view(B, S, 2, 16), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", DBRX)
+def test_dbrx_routing_hooks_and_slots_against_hf(arch):
+    model, ref, gm = traced(arch)
+    ids = tokens(2, 9)
+    B, S = ids.shape
+    for i in range(2):
+        ffn = f"transformer.blocks.{i}.ffn"
+        seen, _ = _record(ref, [f"{ffn}.router", ffn], ids)
+        with torch.no_grad():
+            _, cache = gm.run_with_cache(ids, names_filter=lambda n, i=i: n.startswith(f"blocks.{i}."))
+        logits = seen[f"{ffn}.router"][1]
+        probs = logits.softmax(-1)
+        top_v, top_i = torch.topk(probs, 2, dim=-1)
+        weights = top_v / top_v.abs().sum(-1, keepdim=True)  # moe_normalize_expert_weights = 1 (p-norm, p=1)
+        hooked = {h: cache[f"blocks.{i}.mlp.hook_{h}"] for h in ("router_logits", "router_probs", "expert_indices",
+                                                                 "routing_weights", "expert_out")}
+        torch.testing.assert_close(hooked["router_logits"], logits.view(B, S, 4), atol=TOL, rtol=0)
+        torch.testing.assert_close(hooked["router_probs"], probs.view(B, S, 4), atol=TOL, rtol=0)
+        assert torch.equal(hooked["expert_indices"], top_i.view(B, S, 2))
+        torch.testing.assert_close(hooked["routing_weights"], weights.view(B, S, 2), atol=TOL, rtol=0)
+        assert not torch.allclose(weights, top_v)  # the normalisation matters
+        x = seen[ffn][0]  # the FFN input (norm_2's output), [B,S,D]
+        experts = ref.get_submodule(f"{ffn}.experts")
+        with torch.no_grad():
+            want = torch.stack([torch.stack([torch.stack([
+                hooked["routing_weights"][b, s, k] * _dbrx_expert(experts, int(hooked["expert_indices"][b, s, k]), x[b, s])
+                for k in range(2)]) for s in range(S)]) for b in range(B)])
+        torch.testing.assert_close(hooked["expert_out"], want, atol=TOL, rtol=0)
+        torch.testing.assert_close(cache[f"blocks.{i}.hook_mlp_out"], seen[ffn][1], atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", DBRX)
+def test_dbrx_zeroing_a_slot_and_editing_weights_match_hf(arch):
+    _, ref, gm = traced(arch)
+    ids = tokens(2, 9)
+    B, S = ids.shape
+    i, b, s, k = 1, 0, 5, 1
+    ffn = f"transformer.blocks.{i}.ffn"
+    with torch.no_grad():
+        _, cache = gm.run_with_cache(ids, names_filter=lambda n: n.startswith(f"blocks.{i}.mlp."))
+    e, w = int(cache[f"blocks.{i}.mlp.hook_expert_indices"][b, s, k]), cache[f"blocks.{i}.mlp.hook_routing_weights"][b, s, k]
+    experts = ref.get_submodule(f"{ffn}.experts")
+
+    def remove(path, x, out):  # HF's FFN output minus slot k's weighted expert at token (b, s)
+        y = out.clone()
+        y[b, s] -= w * _dbrx_expert(experts, e, x[b, s])
+        return y
+    _, want = _record(ref, [ffn], ids, edit=remove)
+
+    def zero(t, hook):
+        t[b, s, k] = 0
+        return t
+    with torch.no_grad():
+        got = gm.run_with_hooks(ids, fwd_hooks=[(f"blocks.{i}.mlp.hook_expert_out", zero)])
+        assert (got - gm(ids)).abs().max().item() > 1e-4
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+    # routing weights doubled: HF's experts given doubled top_k_weights
+    def double(mod, args, kwargs):
+        hidden, index, weights = args
+        return (hidden, index, weights * 2), kwargs
+    h = experts.register_forward_pre_hook(double, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            want = ref(ids).logits
+    finally:
+        h.remove()
+    with torch.no_grad():
+        got = gm.run_with_hooks(ids, fwd_hooks=[(f"blocks.{i}.mlp.hook_routing_weights", lambda t, hook: t * 2)])
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
