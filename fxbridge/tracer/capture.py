@@ -158,8 +158,35 @@ def _unlift(ep, model) -> tuple[torch.nn.Module, fx.Graph]:
                 setattr(root, node.target, getattr(src, node.target))
             new = graph.node_copy(node, lambda n: env[n])
             env[node] = new
+    _skip_chained_noop_casts(graph)
     graph.eliminate_dead_code()
     return root, graph
+
+
+_CASTS = {torch.ops.aten.to.dtype_layout, torch.ops.aten.to.dtype, torch.ops.aten.to.device}
+
+
+def _noop_cast(node: fx.Node) -> bool:
+    """``x.to(...)`` that returns x itself (same dtype, device and layout, no copy requested)."""
+    if node.op != "call_function" or node.target not in _CASTS or node.kwargs.get("copy") \
+            or not isinstance(node.args[0], fx.Node):
+        return False
+    out, inp = node.meta.get("val"), node.args[0].meta.get("val")
+    return (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and out.dtype == inp.dtype
+            and out.device == inp.device and out.layout == inp.layout and out.shape == inp.shape)
+
+
+def _skip_chained_noop_casts(graph: fx.Graph) -> None:
+    """A no-op cast of a no-op cast reads the original value. ``x.to(device)`` returns x itself, so HF code that
+    casts a shared value in every layer (Llama 4's ``position_embeddings.to(q.device)``) is captured as layer i+1's
+    cast reading layer i's; reading the original keeps the layers independent (stitching needs that)."""
+    for node in graph.nodes:
+        if _noop_cast(node):
+            src = node.args[0]
+            while _noop_cast(src):
+                src = src.args[0]
+            if src is not node.args[0]:
+                node.replace_input_with(node.args[0], src)
 
 
 @contextlib.contextmanager
