@@ -305,3 +305,24 @@ def test_dbrx_zeroing_a_slot_and_editing_weights_match_hf(arch):
     with torch.no_grad():
         got = gm.run_with_hooks(ids, fwd_hooks=[(f"blocks.{i}.mlp.hook_routing_weights", lambda t, hook: t * 2)])
     torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_llama4_stitched_at_8_layers_equals_full_capture(monkeypatch):
+    """Dense / MoE and RoPE / NoPE layer kinds (3 kinds, 6 of 8 layers captured): ``moe_layers`` renumbered for the
+    shallow copy, and the per-layer ``position_embeddings.to(device)`` no longer chains the layers."""
+    import transformers as tf
+    config = tf.Llama4TextConfig(**dict(CONFIGS["llama4_text"].kwargs, num_hidden_layers=8,
+                                        no_rope_layers=[1, 1, 1, 0] * 2))
+    model = build_from_config(config)
+    ref = eager_reference(model)
+    stitched = bridge.trace(model)
+    assert stitched.report.capture_notes[0].startswith("stitched: captured 6 of 8 layers")
+    monkeypatch.setenv("FXBRIDGE_STITCH", "0")
+    full = bridge.trace(model)
+    assert list(stitched.hook_dict) == list(full.hook_dict)
+    ids, mask = left_padded(3, 10, [0, 2, 5])
+    with torch.no_grad():
+        a, b = stitched(ids, attention_mask=mask), full(ids, attention_mask=mask)
+        assert torch.equal(a, b)
+        assert ((a - ref(ids, attention_mask=mask).logits).abs() * mask[..., None]).max().item() < TOL
