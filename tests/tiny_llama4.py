@@ -9,8 +9,6 @@ LLAMA4 = dict(vocab_size=128, hidden_size=64, intermediate_size=32, intermediate
               interleave_moe_layer_step=2, attention_chunk_size=4, no_rope_layers=[1, 1, 1, 0], floor_scale=2,
               attn_scale=0.1, max_position_embeddings=128, tie_word_embeddings=False)
 LLAMA4_MOE_LAYERS = (1, 3)
-MOE = ["mlp.hook_router_logits", "mlp.hook_expert_indices", "mlp.hook_routing_weights", "mlp.hook_expert_out"]
-DENSE = ["mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"]
 
 # DBRX: 2 layers, GQA (2 KV heads) in a fused Wqkv clamped at 0.15 (the clamp bites at these weights), 4 experts
 # top-2 of width 32 with p=1 normalised weights. HF's DbrxAttention (5.15 and 5.24) reads attn_config.rope_theta,
@@ -50,12 +48,11 @@ FEATURE_GUARDS: dict = {
     "dbrx": _dbrx,
 }
 FAMILY: dict = {
-    # layer 3 is NoPE: no rot hooks; MoE layers have the routing hooks instead of the dense MLP's
+    # layer 3 is NoPE: no rot hooks; MoE layers have the routing hooks (and a shared expert) instead of the dense MLP's
     "llama4_text": dict(rotary=True, gated=True, pos=False, nope_layers=(3,), moe_layers=LLAMA4_MOE_LAYERS,
-                        moe=MOE + ["mlp.hook_shared_out"], dense=DENSE),
+                        moe_extra=["mlp.hook_shared_out"]),
     # every layer MoE, no dense MLP, no shared expert; top-k reads the softmax of the logits
-    "dbrx": dict(rotary=True, gated=False, pos=False, extra=MOE + ["mlp.hook_router_probs"],
-                 drop=["mlp.hook_pre", "mlp.hook_post"]),
+    "dbrx": dict(rotary=True, gated=False, pos=False, moe_layers=(0, 1), moe_extra=["mlp.hook_router_probs"]),
 }
 
 

@@ -47,8 +47,8 @@ DBRX = ArchSpec(
     final_norm="transformer.norm_f", ln1="norm_attn_norm.norm_1", ln2="norm_attn_norm.norm_2",
     attn="norm_attn_norm.attn", o_proj="out_proj", q=None, k=None, v=None, qkv="Wqkv", mlp="ffn", mlp_gate=None,
     norm="layernorm",
-    dims_of=lambda c: {"n_experts": int(c.ffn_config.moe_num_experts), "top_k": int(c.ffn_config.moe_top_k),
-                       "n_moe_layers": int(c.n_layers)},
+    dims_of=lambda c: {"n_experts": int(c.ffn_config.moe_num_experts), "top_k": int(c.ffn_config.moe_top_k)},
+    configure=lambda config: {"moe_layers": tuple(range(config.num_hidden_layers))},  # every layer
     capture_forwards=(("DbrxExperts", _grouped_experts_forward),),
     notes="fused `Wqkv` clamped by `clip_qkv` (inside `hook_q/k/v`); softmax top-k MoE on every layer (`mlp.*`)",
     passes=(remove_eval_dropout(per_layer=2), hook_embeddings, hook_attention, split_fused_qkv, hook_norms,

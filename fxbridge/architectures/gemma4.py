@@ -17,8 +17,10 @@ Where each Gemma 4 convention is handled (the README's conventions table has one
   the owner's keys reaches every layer that reuses them, as in HF (``alias_shared_kv``, ``route_shared_kv``).
 - Per-layer embeddings (PLE): ``blocks.{i}.ple.hook_per_layer_input`` / ``ple.hook_gate`` / ``ple.hook_gated``
   [B,S,P] and ``blocks.{i}.hook_ple_out`` [B,S,D] (``hook_per_layer_embeddings``).
-- MoE block next to the dense MLP: ``blocks.{i}.moe.*`` router/expert hooks and ``blocks.{i}.hook_moe_out``;
-  ``hook_mlp_out`` (post_feedforward_layernorm) is the dense MLP and the MoE together (``hook_moe``).
+- MoE block next to the dense MLP: the MoE contract's ``blocks.{i}.mlp.hook_router_logits`` / ``hook_router_probs`` /
+  ``hook_expert_indices`` / ``hook_routing_weights`` / ``hook_expert_out`` (the old ``moe.*`` names are aliases) and
+  ``blocks.{i}.hook_moe_out``; ``hook_mlp_out`` (post_feedforward_layernorm) is the dense MLP and the MoE together
+  (``hook_moe``).
 - ``layer_scalar``: the layer multiplies its output by it, so
   ``resid_post = layer_scalar * (resid_mid + mlp_out + ple_out)`` (resid_post is HF's layer output).
 - Final-logit softcap: ``hook_unembed`` before it, ``hook_logits`` after (``hook_final_softcap``).
@@ -48,6 +50,12 @@ def _dims(config) -> dict[str, int]:
     return dims
 
 
+def _configure(config) -> dict:
+    """Every layer runs the MoE branch beside its dense MLP when the config enables it."""
+    moe = bool(_dims(config).get("n_experts"))
+    return dict(moe_layers=tuple(range(config.num_hidden_layers)) if moe else (), moe_beside_mlp=True)
+
+
 # Gemma 3's sandwich norms and final softcap; the Gemma-4-only passes around them, with HF's module names.
 GEMMA4_TEXT = replace(
     GEMMA3_TEXT,
@@ -57,14 +65,14 @@ GEMMA4_TEXT = replace(
            "`layer_scalar`, per-layer head sizes; real pre-softmax scores whose edits take effect"),
     requires=("Gemma4TextConfig",),  # transformers >= 5.5
     dims_of=_dims,
+    configure=_configure,
     passes=(
         hook_embeddings,
         alias_shared_kv, hook_attention, route_shared_kv,  # KV-shared layers read their owner's hooked keys
         hook_shared_qkv(v_norm="v_norm"),
         hook_mlp, hook_norms, hook_residual,
         hook_per_layer_embeddings(gate="per_layer_input_gate", act="act_fn", out_norm="post_per_layer_input_norm"),
-        hook_moe(router="router", router_proj="router.proj", experts="experts",
-                 out_norm="post_feedforward_layernorm_2"),
+        hook_moe(router="router", experts="experts", probs=True, out_norm="post_feedforward_layernorm_2"),
         hook_unembed, hook_final_softcap,
     ),
 )

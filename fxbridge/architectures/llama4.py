@@ -22,17 +22,17 @@ from .spec import ArchSpec
 
 
 def _dims(config) -> dict[str, int]:
-    """MoE sizes: experts, top k, and how many layers are MoE (the others are dense)."""
-    return {"n_experts": int(config.num_local_experts), "top_k": int(config.num_experts_per_tok),
-            "n_moe_layers": len(config.moe_layers)}
+    """MoE sizes: experts and top k."""
+    return {"n_experts": int(config.num_local_experts), "top_k": int(config.num_experts_per_tok)}
 
 
 LLAMA4_TEXT = ArchSpec(
     model_types=("llama4_text",), family="Llama 4 (text)", mlp="feed_forward", dims_of=_dims,
+    configure=lambda config: {"moe_layers": tuple(config.moe_layers)},  # HF's own list (interleave_moe_layer_step)
     requires=("Llama4TextConfig",),
     notes=("complex RoPE + L2 q/k norm (in `hook_rot_q/k`), NoPE layers with temperature tuning, chunked attention; "
            "interleaved dense / MoE layers: sigmoid top-k router scaling the experts' inputs, a shared expert (`mlp.*`)"),
-    passes=(hook_embeddings, hook_attention, hook_qkv, hook_mlp(skip_moe_layers=True), hook_norms,
+    passes=(hook_embeddings, hook_attention, hook_qkv, hook_mlp, hook_norms,
             hook_scaled_input_moe(moe="feed_forward", router="feed_forward.router", experts="feed_forward.experts",
                                   shared="feed_forward.shared_expert"),
             hook_residual, hook_unembed),

@@ -47,6 +47,10 @@ class ArchSpec:
     # module): the module whose output is hook_attn_out / hook_mlp_out
     attn_out_at: str | None = None
     mlp_out_at: str | None = None
+    # mixture-of-experts layers (``hook_moe``; set by ``configure`` from the config): there the MoE block is the MLP
+    # (no hook_pre/hook_post) unless ``moe_beside_mlp`` (Gemma 4: a dense MLP and an MoE branch in every layer)
+    moe_layers: tuple[int, ...] = ()
+    moe_beside_mlp: bool = False
     mlp: str | None = "mlp"  # None: the MLP projections sit on the decoder layer itself (OPT, XGLM)
     mlp_gate: str | None = "gate_proj"  # gated MLP: hook_pre = gate output, hook_pre_linear = mlp_in output
     mlp_in: str = "up_proj"

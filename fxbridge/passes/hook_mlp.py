@@ -27,9 +27,14 @@ from .split_fused_qkv import _match_region, _Probe
 aten = torch.ops.aten
 
 
-def _expected(spec, dims, post_input=None, skip_moe_layers=False) -> int:
-    dense = dims["n_layers"] - (dims.get("n_moe_layers", 0) if skip_moe_layers else 0)
-    return dense * (3 if spec.mlp_gate else 2)
+def _dense_layers(spec, n_layers: int) -> list[int]:
+    """Layers with a dense MLP: all but those whose MLP is a mixture of experts (``spec.moe_layers``)."""
+    moe = () if spec.moe_beside_mlp else set(spec.moe_layers)
+    return [i for i in range(n_layers) if i not in moe]
+
+
+def _expected(spec, dims, post_input=None) -> int:
+    return len(_dense_layers(spec, dims["n_layers"])) * (3 if spec.mlp_gate else 2)
 
 
 def _fused_halves(ctx: PassContext, fused, mlp_path: str, where: str):
@@ -71,22 +76,17 @@ def _factor_of_gate(mul, up, gate, stop) -> bool:
 
 
 @graph_pass(expects=_expected)
-def hook_mlp(ctx: PassContext, *, post_input: str | None = None, skip_moe_layers: bool = False) -> int:
+def hook_mlp(ctx: PassContext, *, post_input: str | None = None) -> int:
     """Hook the MLP's pre-activation(s) and post-activation.
 
     ``post_input``: the module (relative to the MLP) whose input is ``hook_post``, where that is not the down
     projection (BitNet: ``ffn_sub_norm``, a norm between the activation and the down projection).
-    ``skip_moe_layers``: dense and mixture-of-experts layers are interleaved under the same module name (Llama 4's
-    ``feed_forward``); layers where the MLP's projections compute nothing are skipped (an MoE pass hooks them),
-    and the match count says how many: ``dims["n_moe_layers"]`` of them.
     """
     spec, graph = ctx.spec, ctx.graph
     found = 0
-    for layer in range(ctx.dims["n_layers"]):
+    for layer in _dense_layers(spec, ctx.dims["n_layers"]):
         mlp_path = spec.mlp_path(layer)
         pre_path = spec.mlp_path(layer, spec.mlp_gate or spec.mlp_in)
-        if skip_moe_layers and not ModuleRegion.of(graph, pre_path).nodes:
-            continue
         if spec.mlp_gate and spec.mlp_gate == spec.mlp_in:  # fused [gate | up]
             gate, up = _fused_halves(ctx, output_of(graph, pre_path, "the fused projection's output"), mlp_path,
                                      pre_path)

@@ -1,13 +1,20 @@
-"""Hook Gemma 4's mixture-of-experts block: router logits, routing, per-slot expert outputs, block output.
+"""Hook a mixture-of-experts block: router logits, chosen experts, routing weights, per-slot expert outputs, shared
+experts.
 
-HF runs the MoE next to the dense MLP on the flattened residual x [B*S,D] (N = B*S tokens, E experts, top K):
-    l = router_proj(..x..) ; p = softmax(l) ; w, idx = topk(p, K) ; w = w / sum(w) * per_expert_scale[idx]
-    o = experts(norm(x), idx, w) -> [N,K,D] per-slot weighted outputs -> sum over K -> out_norm
-->  l = moe.hook_router_logits(l) ; p = moe.hook_expert_weights(p) ; idx = moe.hook_expert_indices(idx)
-    w = moe.hook_routing_weights(w) ; slots = moe.hook_expert_out(slots) ; y = hook_moe_out(norm(...))
-Token-major tensors are seen as [B,S,...] (views: in-place edits propagate). The per-slot outputs are found
-in HF's batched / grouped experts implementations (``view(N, K, D).sum(1)``), the ones torch.export captures.
-The spec names the modules (``router``, ``router_proj``, ``experts``, ``out_norm``, relative to the decoder layer).
+HF's MoE blocks (Mixtral, Qwen-MoE, OLMoE, DeepSeek, GLM-4-MoE, Gemma 4, ...) flatten the residual to x [N,D]
+(N = B*S tokens, E experts, top K) and call an experts module ``experts(x, indices [N,K] int, weights [N,K])``
+(``@use_experts_implementation``; its batched / grouped forms, the ones torch.export captures, end in
+``slots.view(N, K, D).sum(1)``). Whatever the family's routing (softmax then top-k, top-k then softmax, sigmoid
+with a bias and group-limited top-k, renormalised or scaled), the experts' inputs ARE the final routing:
+    l = linear(x, W_router) ...routing... -> idx [N,K], w [N,K] -> experts(x, idx, w) -> slots [N,K,D] -> sum(1)
+->  l = mlp.hook_router_logits(l) ; idx = mlp.hook_expert_indices(idx) ; w = mlp.hook_routing_weights(w)
+    slots = mlp.hook_expert_out(slots) ; shared = mlp.hook_shared_out(gate * shared_expert(x))
+Token-major tensors are seen as [B,S,...] (views: in-place edits propagate); B and S are read from the [B,S,D]
+tensor the router's input was flattened from. Optional parts: ``probs`` (the softmax / sigmoid of the logits,
+``mlp.hook_router_probs``), ``shared`` (a shared expert module, its output as added: ``mlp.hook_shared_out``),
+``shared_gate`` (a module whose sigmoid gates the shared expert: ``mlp.hook_shared_gate``), ``out_norm`` (Gemma 4:
+a norm ending the MoE branch, ``hook_moe_out``). Module names are relative to the decoder layer; the layers are
+``spec.moe_layers``.
 """
 from __future__ import annotations
 
@@ -19,65 +26,149 @@ from .base import NoMatch, PassContext, graph_pass
 from .graph_utils import NOTHING, hook_after, hook_viewed, output_of, single
 
 aten = torch.ops.aten
-_SOFTMAX = {aten.softmax.int, aten._softmax.default}
-_TOPK = {aten.topk.default}
+_MATMULS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default}
 _SUMS = {aten.sum.dim_IntList}
-PER_LAYER = 6
+_SCORES = {aten.softmax.int, aten._softmax.default, aten.sigmoid.default}
+_CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default}
 
 
-def _rank(node) -> int:
-    val = node.meta.get("val")
-    return val.dim() if isinstance(val, torch.Tensor) else -1
+def _expected(spec, dims, *, router, experts, probs=False, shared=None, shared_gate=None, out_norm=None) -> int:
+    per_layer = 4 + bool(probs) + bool(shared) + bool(shared_gate) + bool(out_norm)
+    return per_layer * len(spec.moe_layers)
 
 
-def _getitem(node, index: int, where: str):
-    return single([u for u in node.users if u.target.__name__ == "getitem" and u.args[1] == index],
-                  f"item {index} of {node.name}", where)
+def _val(node):
+    val = node.meta.get("val") if hasattr(node, "meta") else None
+    return val if isinstance(val, torch.Tensor) else None
 
 
-def _batch_seq(graph, router_path: str):
-    """Symbolic B and S of the token ids (HF flattens the [B,S,D] residual into the router's [B*S,D] input)."""
-    flat = single(ModuleRegion.of(graph, router_path).inputs, "input", router_path)
-    ids = single(graph.find_nodes(op="placeholder", target="input_ids"), "input_ids placeholder", "the graph")
-    with graph.inserting_before(flat):
-        b = graph.call_function(aten.sym_size.int, (ids, 0))
-        s = graph.call_function(aten.sym_size.int, (ids, 1))
+def _tokens_source(flat, d_model: int, where: str):
+    """A [B,S,D] tensor the [N,D] router input is computed from (the residual HF flattened): every [B,S,D] tensor
+    of the forward has the same B and S, so the nearest one up the use-def edges serves."""
+    todo, seen = [flat], set()
+    while todo:
+        node = todo.pop(0)
+        val = _val(node)
+        if val is not None and val.dim() == 3 and val.shape[-1] == d_model:
+            return node
+        if node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        todo.extend(node.all_input_nodes)
+    raise NoMatch(where, "the router input computed from the [B,S,D] residual", NOTHING)
+
+
+def _batch_seq(graph, residual):
+    with graph.inserting_after(residual):
+        b = graph.call_function(aten.sym_size.int, (residual, 0))
+    with graph.inserting_after(b):
+        s = graph.call_function(aten.sym_size.int, (residual, 1))
     for n in (b, s):
-        n.meta.update(scoped_meta(flat, None))
+        n.meta.update(scoped_meta(residual, None))
     return b, s
 
 
-@graph_pass(expects=lambda spec, dims, **_: PER_LAYER * dims["n_layers"] if dims.get("n_experts") else 0)
-def hook_moe(ctx: PassContext, *, router: str, router_proj: str, experts: str, out_norm: str) -> int:
-    """Hook router logits, expert probabilities, chosen experts, routing weights, slot outputs, MoE output."""
-    spec, graph = ctx.spec, ctx.graph
+def _router_logits(graph, path: str, n_experts: int):
+    """The router's [N,E] projection: the first matmul in the router module with E outputs."""
+    region = ModuleRegion.of(graph, path)
+    found = [n for n in region.nodes if n.op == "call_function" and n.target in _MATMULS
+             and _val(n) is not None and _val(n).shape[-1] == n_experts]
+    if not found:
+        raise NoMatch(path, f"the router projection to {n_experts} experts", NOTHING if not region.nodes else
+                      f"{len(region.nodes)} nodes, none a matmul with {n_experts} outputs")
+    return found[0]
+
+
+def _scores_of(logits, where: str):
+    """softmax / sigmoid of the logits (through a dtype cast)."""
+    todo = list(logits.users)
+    while todo:
+        node = todo.pop(0)
+        if node.target in _SCORES:
+            return node
+        if node.target in _CASTS:
+            todo.extend(node.users)
+    raise NoMatch(where, "a softmax or sigmoid of the router logits", "neither")
+
+
+def _routing_inputs(region: ModuleRegion, where: str):
+    """(indices [N,K] int, weights [N,K] float): the tensors the experts module reads from outside, by dtype."""
+    reads = {a: None for n in region.nodes for a in n.all_input_nodes if a not in region and a.op != "get_attr"}
+    pairs = [n for n in reads if _val(n) is not None and _val(n).dim() == 2]
+    indices = single([n for n in pairs if not _val(n).is_floating_point()],
+                     "the chosen experts (an integer [N,K] input)", where)
+    weights = single([n for n in pairs if _val(n).is_floating_point() and _val(n).shape == _val(indices).shape],
+                     "the routing weights (a float [N,K] input)", where)
+    return indices, weights
+
+
+def _slots(region: ModuleRegion, where: str):
+    return single([n for n in region.nodes if _val(n) is not None and _val(n).dim() == 3
+                   and any(u.target in _SUMS and list(u.args[1]) == [1] for u in n.users)],
+                  "per-slot outputs [N,K,D] summed over K", where)
+
+
+def _gated(graph, shared_out, gate_path: str, where: str):
+    """(sigmoid(gate(x)), sigmoid(gate(x)) * shared_out) for a shared expert scaled by a sigmoid gate."""
+    gate = output_of(graph, gate_path, "the shared expert gate's output")
+    sig = single([u for u in gate.users if u.target == aten.sigmoid.default], "sigmoid of the shared gate", gate_path)
+    product = single([u for u in sig.users if u.target == aten.mul.Tensor and shared_out in u.args],
+                     "the gate times the shared expert's output", where)
+    return sig, product
+
+
+def _hook_tokens(ctx, node, name: str, rank: int, residual, scope: str, hf_module: str, cache: dict) -> None:
+    """Hook a token-major tensor as [B,S,...] (``rank`` dims): a flat [N,...] one through an unflatten view."""
+    if _val(node) is None or _val(node).dim() == rank:
+        hook_after(ctx, node, name, scope=scope, hf_module=hf_module)
+        return
+    if "bs" not in cache:
+        cache["bs"] = _batch_seq(ctx.graph, residual)
+    b, s = cache["bs"]
+    hook_viewed(ctx, node, name, to_hook=(aten.unflatten.int, (0, [b, s])), from_hook=(aten.flatten.using_ints, (0, 1)),
+                scope=scope, hf_module=hf_module)
+
+
+@graph_pass(expects=_expected)
+def hook_moe(ctx: PassContext, *, router: str, experts: str, probs: bool = False, shared: str | None = None,
+             shared_gate: str | None = None, out_norm: str | None = None) -> int:
+    """Hook router logits, chosen experts, routing weights and slot outputs (and the optional parts) per MoE layer.
+
+    ``router``: the module computing the router logits; ``experts``: the experts module (HF's fused experts);
+    ``shared`` / ``shared_gate`` / ``out_norm``: see the module docstring. Paths are relative to the decoder layer.
+    """
+    spec, graph, dims = ctx.spec, ctx.graph, ctx.dims
     found = 0
-    for i in range(ctx.dims["n_layers"]):
-        layer, proj = spec.layer(i), spec.layer(i, router_proj)
-        router_path, experts_path = spec.layer(i, router), spec.layer(i, experts)
-        logits = ModuleRegion.of(graph, proj).output
-        if logits is None:
-            if ctx.dims.get("n_experts"):
-                raise NoMatch(proj, "the router logits (the router projection's output)", NOTHING)
-            continue
-        b, s = _batch_seq(graph, router_path)
-        tokens = ((aten.unflatten.int, (0, [b, s])), (aten.flatten.using_ints, (0, 1)))
-        probs = single([u for u in logits.users if u.target in _SOFTMAX], "softmax of the router logits", router_path)
-        indices = _getitem(single([u for u in probs.users if u.target in _TOPK], "top-k", router_path), 1, router_path)
-        routing, expert_region = ModuleRegion.of(graph, router_path), ModuleRegion.of(graph, experts_path)
-        weights = single([n for n in expert_region.inputs if n in routing], "routing weights read from the router",
-                         experts_path)
-        slots = single([n for n in expert_region.nodes if _rank(n) == 3
-                        and any(u.target in _SUMS and u.args[1] == [1] for u in n.users)],
-                       "per-slot output [N,K,D] summed over K", experts_path)
-        for node, name, path in ((logits, "mlp.hook_router_logits", proj),
-                                 (probs, "mlp.hook_router_probs", router_path),
-                                 (indices, "mlp.hook_expert_indices", router_path),
-                                 (weights, "mlp.hook_routing_weights", router_path),
-                                 (slots, "mlp.hook_expert_out", experts_path)):
-            hook_viewed(ctx, node, hook_name(name, i), to_hook=tokens[0], from_hook=tokens[1], scope=layer,
-                        hf_module=path)
-        out = output_of(graph, spec.layer(i, out_norm), "the MoE block's output norm")
-        hook_after(ctx, out, hook_name("hook_moe_out", i), scope=layer, hf_module=layer)
-        found += PER_LAYER
+    for i in range(dims["n_layers"]):
+        layer, router_path, experts_path = spec.layer(i), spec.layer(i, router), spec.layer(i, experts)
+        if i not in spec.moe_layers and not ModuleRegion.of(graph, experts_path).nodes:
+            continue  # a dense layer (an MoE layer the spec does not list is hooked, and the count says so)
+        logits = _router_logits(graph, router_path, dims.get("n_experts", 0))
+        flat_in = logits.args[0] if logits.target != aten.addmm.default else logits.args[1]
+        residual = _tokens_source(flat_in, dims["d_model"], router_path)
+        region = ModuleRegion.of(graph, experts_path)
+        if not region.nodes:
+            raise NoMatch(experts_path, "the experts module's computation", NOTHING)
+        indices, weights = _routing_inputs(region, experts_path)
+        todo = [(logits, "mlp.hook_router_logits", router_path)]
+        if probs:
+            todo.append((_scores_of(logits, router_path), "mlp.hook_router_probs", router_path))
+        todo += [(indices, "mlp.hook_expert_indices", router_path), (weights, "mlp.hook_routing_weights", router_path),
+                 (_slots(region, experts_path), "mlp.hook_expert_out", experts_path)]
+        if shared:
+            shared_path = spec.layer(i, shared)
+            out = output_of(graph, shared_path, "the shared expert's output")
+            if shared_gate:
+                sig, out = _gated(graph, out, spec.layer(i, shared_gate), shared_path)
+                todo.append((sig, "mlp.hook_shared_gate", spec.layer(i, shared_gate)))
+            todo.append((out, "mlp.hook_shared_out", shared_path))
+        cache: dict = {}
+        for node, name, path in todo:
+            rank = 4 if name == "mlp.hook_expert_out" else 3
+            _hook_tokens(ctx, node, hook_name(name, i), rank, residual, layer, path, cache)
+            found += 1
+        if out_norm:
+            out = output_of(graph, spec.layer(i, out_norm), "the MoE block's output norm")
+            hook_after(ctx, out, hook_name("hook_moe_out", i), scope=layer, hf_module=layer)
+            found += 1
     return found

@@ -15,8 +15,8 @@ is HF's sum over all E. Token-major hooks are seen as [B,S,...] (views); the blo
 inside the MoE module, so ``hook_residual`` hooks it as ``hook_mlp_out``. Editing ``hook_routing_weights`` rescales
 the experts' inputs (as HF's scores do); zeroing a slot of ``hook_expert_out`` removes that expert at that token.
 
-The spec names the modules relative to the decoder layer (``moe``, ``router``, ``experts``, ``shared``). Layers
-where the router computes nothing are dense (interleaved MoE); ``dims["n_moe_layers"]`` says how many are not.
+The spec names the modules relative to the decoder layer (``moe``, ``router``, ``experts``, ``shared``); the MoE
+layers are ``spec.moe_layers`` (the others are dense: ``hook_mlp``).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import torch
 from ..runtime.names import hook_name
 from ..tracer.graph_facts import ModuleRegion, scoped_meta
 from .base import NoMatch, PassContext, graph_pass
-from .graph_utils import hook_viewed, output_of, single
+from .graph_utils import NOTHING, hook_viewed, output_of, single
 
 aten = torch.ops.aten
 _TOPK = {aten.topk.default}
@@ -68,17 +68,17 @@ def _call(graph, after, meta_node, scope, op, args):
     return node
 
 
-@graph_pass(expects=lambda spec, dims, **_: PER_LAYER * dims.get("n_moe_layers", 0), before=("hook_residual",))
+@graph_pass(expects=lambda spec, dims, **_: PER_LAYER * len(spec.moe_layers), before=("hook_residual",))
 def hook_scaled_input_moe(ctx: PassContext, *, moe: str, router: str, experts: str, shared: str) -> int:
     """Hook router logits, chosen experts, routing weights, per-slot expert outputs and the shared expert."""
     spec, graph = ctx.spec, ctx.graph
     found = 0
-    for i in range(ctx.dims["n_layers"]):
+    for i in spec.moe_layers:
         moe_path, router_path = spec.layer(i, moe), spec.layer(i, router)
         experts_path, shared_path = spec.layer(i, experts), spec.layer(i, shared)
         routing = ModuleRegion.of(graph, router_path)
         if not routing.nodes:
-            continue  # a dense layer
+            raise NoMatch(router_path, "the router of an MoE layer (spec.moe_layers)", NOTHING)
         b, s = _batch_seq(graph, routing.nodes[0])
         tokens = ((aten.unflatten.int, (0, [b, s])), (aten.flatten.using_ints, (0, 1)))
 

@@ -10,8 +10,7 @@ module's floating-point input computed from the top-k values (after the family's
 outputs are the [N,K,D] value the experts module sums over K (HF's grouped / batched experts implementations, or
 a family's capture-time forward written that way: ``ArchSpec.capture_forwards``). ``hook_mlp_out`` is left to
 ``hook_residual`` (the MoE block's output). The spec names the router projection and the experts module (relative
-to the decoder layer); every layer is MoE (``dims["n_moe_layers"]``); layers where the router computes nothing are
-dense and skipped.
+to the decoder layer); the MoE layers are ``spec.moe_layers``.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import torch
 from ..runtime.names import hook_name
 from ..tracer.graph_facts import ModuleRegion, scoped_meta
 from .base import NoMatch, PassContext, graph_pass
-from .graph_utils import hook_viewed, single
+from .graph_utils import NOTHING, hook_viewed, single
 
 aten = torch.ops.aten
 _SOFTMAX = {aten.softmax.int, aten._softmax.default}
@@ -60,19 +59,19 @@ def _per_layer(probs: bool) -> int:
     return 5 if probs else 4
 
 
-@graph_pass(expects=lambda spec, dims, probs=True, **_: _per_layer(probs) * dims.get("n_moe_layers", 0),
+@graph_pass(expects=lambda spec, dims, probs=True, **_: _per_layer(probs) * len(spec.moe_layers),
             before=("hook_residual",))
 def hook_topk_moe(ctx: PassContext, *, router: str, experts: str, probs: bool = True) -> int:
     """Hook router logits, router probabilities (``probs``: top-k reads a softmax of the logits), chosen experts,
     routing weights and per-slot expert outputs."""
     spec, graph = ctx.spec, ctx.graph
     found = 0
-    for i in range(ctx.dims["n_layers"]):
+    for i in spec.moe_layers:
         proj, experts_path = spec.layer(i, router), spec.layer(i, experts)
         region = ModuleRegion.of(graph, proj)
         logits = region.output
         if logits is None:
-            continue  # a dense layer
+            raise NoMatch(proj, "the router projection of an MoE layer (spec.moe_layers)", NOTHING)
         b, s = _batch_seq(graph, region.nodes[0])
         tokens = ((aten.unflatten.int, (0, [b, s])), (aten.flatten.using_ints, (0, 1)))
         chosen_from = logits

@@ -77,6 +77,21 @@ def _max_positions(config) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def _no_cache(config):
+    """``config.use_cache = False`` while exporting: a forward that takes ``use_cache`` only through ``**kwargs``
+    (GraniteMoE) reads the config's default and would return a DynamicCache torch.export cannot output."""
+    had, old = hasattr(config, "use_cache"), getattr(config, "use_cache", None)
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        if had:
+            config.use_cache = old
+        else:
+            del config.use_cache
+
+
 def export_model(model, *, batch: int = 2, seq: int = 7):
     """torch.export the model's forward(input_ids, attention_mask, use_cache=False) with dynamic B and S.
 
@@ -98,7 +113,7 @@ def export_model(model, *, batch: int = 2, seq: int = 7):
     b_dim = torch.export.Dim("batch", min=1, max=1 << 16)
     s_dim = torch.export.Dim("seq", min=1, max=max_seq) if max_seq else torch.export.Dim("seq", min=1)
     hints = torch.export.Dim.DYNAMIC(min=1, max=1 << 16), torch.export.Dim.DYNAMIC(min=1, max=max_seq)
-    with capture_attention(model), torch.no_grad():
+    with capture_attention(model), _no_cache(model.config), torch.no_grad():
         try:
             try:
                 return torch.export.export(model, (), kwargs, dynamic_shapes=dynamic(b_dim, s_dim), strict=False)

@@ -7,6 +7,7 @@ the keys/values of layers 1 and 2; full layers have head size 32, one KV head an
 on HF modules and an attention function registered in HF's ``AttentionInterface`` (on the reference copy).
 """
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -289,11 +290,11 @@ def test_moe_hooks_equal_hf_router_and_experts(g4):
                    (f"{base}.experts", _keep(seen, "experts")),
                    (f"{base}.post_feedforward_layernorm_2", _keep(seen, "out"))])
     with torch.no_grad():
-        _, cache = gm.run_with_cache(ids, names_filter=lambda n: f"blocks.{layer}.moe." in n or "hook_moe_out" in n)
-    moe = f"blocks.{layer}.moe"
+        _, cache = gm.run_with_cache(ids, names_filter=lambda n: f"blocks.{layer}.mlp.hook_" in n or "hook_moe_out" in n)
+    moe = f"blocks.{layer}.mlp"
     probs, weights, index = seen["router"]
     assert _diff(cache[f"{moe}.hook_router_logits"], seen["logits"].view(2, 6, 4)) < TOL
-    assert _diff(cache[f"{moe}.hook_expert_weights"], probs.view(2, 6, 4)) < TOL
+    assert _diff(cache[f"{moe}.hook_router_probs"], probs.view(2, 6, 4)) < TOL
     assert torch.equal(cache[f"{moe}.hook_expert_indices"], index.view(2, 6, 2))
     assert _diff(cache[f"{moe}.hook_routing_weights"], weights.view(2, 6, 2)) < TOL
     assert cache[f"{moe}.hook_expert_out"].shape == (2, 6, 2, 64)
@@ -304,7 +305,7 @@ def test_moe_hooks_equal_hf_router_and_experts(g4):
 def test_moe_edits_equal_the_same_edit_on_hf(g4):
     _, rec, gm = g4
     ids, layer = tokens(2, 6), 2
-    base, moe = f"model.layers.{layer}", f"blocks.{layer}.moe"
+    base, moe = f"model.layers.{layer}", f"blocks.{layer}.mlp"
 
     def favour_expert_3(logits, hook=None):
         logits = logits.clone()
@@ -400,7 +401,7 @@ def test_variants_trace_exactly_with_the_hooks_they_have(variant):
     assert has_k == has_v == set(range(n)) - set(shared)
     assert all(f"blocks.{i}.attn.hook_rot_k" in gm.hook_dict for i in range(n))
     ple = any(".ple." in name for name in gm.hook_dict)
-    moe = any(".moe." in name for name in gm.hook_dict)
+    moe = any(".mlp.hook_router_logits" in name for name in gm.hook_dict)
     assert (ple, moe) == (bool(model.config.hidden_size_per_layer_input), model.config.enable_moe_block)
     assert ("hook_logits" in gm.hook_dict) == (model.config.final_logit_softcapping is not None)
     if variant == "shared_kv_with_v_proj":
@@ -422,12 +423,13 @@ def test_gemma4_passes_match_nothing_elsewhere_and_fail_loudly_when_they_should_
             ("alias_shared_kv", "n_kv_shared_layers", r"the attention calls of model\.layers\.\*: expected 2 layer"),
             ("hook_per_layer_embeddings", "d_per_layer_input",
              r"model\.layers\.0\.per_layer_input_gate: expected the per-layer input gate's output, found no node"),
-            ("hook_moe", "n_experts", r"model\.layers\.0\.router\.proj: expected the router logits")):
+            ("hook_moe", "n_experts", r"model\.layers\.0\.router: expected the router projection to 2 experts")):
         assert gemma4_passes[name].run(ctx) == 0  # a Llama graph has none of it: nothing matches, nothing changes
         ctx.dims = dict(dims, **{key: 2})  # a config that claims the feature: the missing match is an error
+        ctx.spec = replace(spec, moe_layers=(0,)) if name == "hook_moe" else spec  # MoE layers come from the config
         with pytest.raises(bridge.PatternNotFound, match=f"pass '{name}' in {where}"):
             run_passes(ctx, [gemma4_passes[name]])
-        ctx.dims = dims
+        ctx.dims, ctx.spec = dims, spec
     captured.graph.lint()
 
 
@@ -450,7 +452,7 @@ def test_bfloat16_graph_shape_is_handled_too():
         for i in range(5):
             gm.get_submodule(f"blocks.{i}.attn").force_eager = True
         got, cache = gm.run_with_cache(ids, names_filter=[f"blocks.{FULL}.attn.hook_k", f"blocks.{FULL}.attn.hook_v",
-                                                          f"blocks.{FULL}.moe.hook_routing_weights"])
+                                                          f"blocks.{FULL}.moe.hook_routing_weights"])  # the old name: an alias
     assert torch.equal(got, expected)  # HF's eager computation, op for op
     assert torch.equal(cache["k", FULL], cache["v", FULL]) and cache["v", FULL].dtype == torch.bfloat16
     assert cache[f"blocks.{FULL}.moe.hook_routing_weights"].shape == (2, 9, 2)

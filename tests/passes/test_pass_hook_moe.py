@@ -1,6 +1,7 @@
 """hook_moe on a Gemma-4-shaped toy: router logits, expert probabilities, chosen experts, routing weights,
 per-slot expert outputs and the MoE block output, token-major tensors seen as [B,S,...]."""
 import functools
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +11,9 @@ from toy import (missed, D, LLAMA_SPEC, DecoderLayer, RMSNorm, capture_toy, capt
                  module_io, no_match, op_counts, run, run_pass, tokens, toy_dims, toy_lm)
 
 E, K, FE = 4, 2, 12  # experts, top-k, expert width
-HOOKS = ["moe.hook_router_logits", "moe.hook_expert_weights", "moe.hook_expert_indices", "moe.hook_routing_weights",
-         "moe.hook_expert_out", "hook_moe_out"]
+HOOKS = ["mlp.hook_router_logits", "mlp.hook_router_probs", "mlp.hook_expert_indices", "mlp.hook_routing_weights",
+         "mlp.hook_expert_out", "hook_moe_out"]
+MOE_SPEC = replace(LLAMA_SPEC, moe_layers=(0,), moe_beside_mlp=True)  # layer 0's MoE block runs beside its MLP
 
 
 class Router(nn.Module):
@@ -69,8 +71,8 @@ def test_hooks_six_points_per_layer_seen_per_token():
     toy = _toy()
     root, graph = toy.fresh()
     before = op_counts(graph)
-    assert run_pass("hook_moe", graph, root, LLAMA_SPEC, toy_dims(toy.model.config, n_experts=E, top_k=K)) == 6
-    # B and S read off input_ids; five [N,...] tensors seen as [B,S,...] through unflatten / flatten
+    assert run_pass("hook_moe", graph, root, MOE_SPEC, toy_dims(toy.model.config, n_experts=E, top_k=K)) == 6
+    # B and S read off the [B,S,D] residual; five [N,...] tensors seen as [B,S,...] through unflatten / flatten
     assert delta(before, op_counts(graph)) == {"aten.flatten.using_ints": 5, "aten.sym_size.int": 2,
                                                "aten.unflatten.int": 5}
     assert sorted(hook_nodes(graph)) == sorted(_names())
@@ -90,9 +92,9 @@ def test_hooks_six_points_per_layer_seen_per_token():
         logits = io[f"{layer}.router.proj"][1]
         probs = torch.softmax(logits, dim=-1)
         top = torch.topk(probs, K, dim=-1)
-        b = f"blocks.{i}.moe"
+        b = f"blocks.{i}.mlp"
         assert torch.equal(seen[f"{b}.hook_router_logits"], logits.view(3, 4, E))
-        assert torch.equal(seen[f"{b}.hook_expert_weights"], probs.view(3, 4, E))
+        assert torch.equal(seen[f"{b}.hook_router_probs"], probs.view(3, 4, E))
         assert torch.equal(seen[f"{b}.hook_expert_indices"], top.indices.view(3, 4, K))
         assert max_diff(seen[f"{b}.hook_routing_weights"],
                         (top.values / top.values.sum(-1, keepdim=True)).view(3, 4, K)) == 0.0
@@ -103,11 +105,11 @@ def test_hooks_six_points_per_layer_seen_per_token():
 def test_an_in_place_edit_of_the_routing_weights_reaches_the_experts():
     toy = _toy()
     root, graph = toy.fresh()
-    run_pass("hook_moe", graph, root, LLAMA_SPEC, toy_dims(toy.model.config, n_experts=E, top_k=K))
+    run_pass("hook_moe", graph, root, MOE_SPEC, toy_dims(toy.model.config, n_experts=E, top_k=K))
 
     def first_choice_only(t, hook):
         t[..., 1] = 0  # a view of the router's [N,K] output: the experts read the edit
-    root.get_submodule("blocks.0.moe.hook_routing_weights").add_hook(first_choice_only)
+    root.get_submodule("blocks.0.mlp.hook_routing_weights").add_hook(first_choice_only)
     ids = tokens()
 
     def drop_second(mod, args):
@@ -127,7 +129,7 @@ def test_an_in_place_edit_of_the_routing_weights_reaches_the_experts():
 def test_an_moe_block_the_config_does_not_announce_is_a_count_mismatch():
     toy = _toy()
     root, graph = toy.fresh()
-    err = no_match("hook_moe", graph, root, LLAMA_SPEC, toy_dims(toy.model.config))  # no n_experts: expects 0
+    err = no_match("hook_moe", graph, root, LLAMA_SPEC, toy_dims(toy.model.config, n_experts=E))  # moe_layers=()
     assert missed(err, 0, 6)
 
 
@@ -135,6 +137,7 @@ def test_a_graph_without_a_router_matches_nothing():
     toy = captured("llama")
     root, graph = toy.fresh()
     before = op_counts(graph)
-    err = no_match("hook_moe", graph, root, LLAMA_SPEC, toy_dims(toy.model.config, n_experts=E, top_k=K))
+    spec = replace(LLAMA_SPEC, moe_layers=(0, 1))
+    err = no_match("hook_moe", graph, root, spec, toy_dims(toy.model.config, n_experts=E, top_k=K))
     assert missed(err, 12, 0)
     assert hook_nodes(graph) == [] and op_counts(graph) == before

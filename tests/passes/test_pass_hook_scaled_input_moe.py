@@ -11,7 +11,7 @@ from toy import (D, DecoderLayer, GatedMLP, captured, capture_toy, eager, hook_n
 from fxbridge.passes import hook_scaled_input_moe
 
 E, K, FE = 4, 2, 12
-SPEC = toy_spec(passes=(hook_scaled_input_moe(moe="mlp", router="mlp.router", experts="mlp.experts",
+SPEC = toy_spec(moe_layers=(1,), passes=(hook_scaled_input_moe(moe="mlp", router="mlp.router", experts="mlp.experts",
                                               shared="mlp.shared_expert"),))
 HOOKS = ["mlp.hook_router_logits", "mlp.hook_expert_indices", "mlp.hook_routing_weights", "mlp.hook_expert_out",
          "mlp.hook_shared_out"]
@@ -95,7 +95,7 @@ def _toy():
 def test_five_points_on_the_moe_layer_values_as_the_toy_computes():
     toy = _toy()
     root, graph = toy.fresh()
-    dims = toy_dims(toy.model.config, n_experts=E, top_k=K, n_moe_layers=1)
+    dims = toy_dims(toy.model.config, n_experts=E, top_k=K)
     assert run_pass("hook_scaled_input_moe", graph, root, SPEC, dims) == 5
     assert sorted(hook_nodes(graph)) == sorted(f"blocks.1.{h}" for h in HOOKS)
     seen = {}
@@ -124,7 +124,7 @@ def test_five_points_on_the_moe_layer_values_as_the_toy_computes():
 def test_zeroing_a_slot_removes_that_expert_there():
     toy = _toy()
     root, graph = toy.fresh()
-    run_pass("hook_scaled_input_moe", graph, root, SPEC, toy_dims(toy.model.config, n_experts=E, top_k=K, n_moe_layers=1))
+    run_pass("hook_scaled_input_moe", graph, root, SPEC, toy_dims(toy.model.config, n_experts=E, top_k=K))
     ids = tokens(2, 5)
     seen = {}
     for h in ("mlp.hook_expert_out", "mlp.hook_expert_indices", "mlp.hook_routing_weights"):
@@ -155,6 +155,6 @@ def test_a_dense_model_matches_nothing_where_moe_layers_are_announced():
     toy = captured("llama")
     root, graph = toy.fresh()
     err = no_match("hook_scaled_input_moe", graph, root, SPEC,
-                   toy_dims(toy.model.config, n_experts=E, top_k=K, n_moe_layers=1))
+                   toy_dims(toy.model.config, n_experts=E, top_k=K))
     assert missed(err, 5, 0)
     assert hook_nodes(graph) == []

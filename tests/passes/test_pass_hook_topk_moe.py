@@ -11,7 +11,7 @@ from toy import (D, DecoderLayer, captured, capture_toy, eager, hook_nodes, max_
 from fxbridge.passes import hook_topk_moe
 
 E, K, FE = 4, 2, 12
-SPEC = toy_spec(passes=(hook_topk_moe(router="mlp.router.layer", experts="mlp.experts"),))
+SPEC = toy_spec(moe_layers=(0, 1), passes=(hook_topk_moe(router="mlp.router.layer", experts="mlp.experts"),))
 HOOKS = ["mlp.hook_router_logits", "mlp.hook_router_probs", "mlp.hook_expert_indices", "mlp.hook_routing_weights",
          "mlp.hook_expert_out"]
 
@@ -56,7 +56,7 @@ def _toy():
 def test_five_points_per_layer_values_as_the_toy_computes():
     toy = _toy()
     root, graph = toy.fresh()
-    dims = toy_dims(toy.model.config, n_experts=E, top_k=K, n_moe_layers=2)
+    dims = toy_dims(toy.model.config, n_experts=E, top_k=K)
     assert run_pass("hook_topk_moe", graph, root, SPEC, dims) == 10
     assert sorted(hook_nodes(graph)) == sorted(f"blocks.{i}.{h}" for i in range(2) for h in HOOKS)
     seen = {}
@@ -80,7 +80,7 @@ def test_five_points_per_layer_values_as_the_toy_computes():
 def test_an_in_place_edit_of_the_routing_weights_reaches_the_experts():
     toy = _toy()
     root, graph = toy.fresh()
-    run_pass("hook_topk_moe", graph, root, SPEC, toy_dims(toy.model.config, n_experts=E, top_k=K, n_moe_layers=2))
+    run_pass("hook_topk_moe", graph, root, SPEC, toy_dims(toy.model.config, n_experts=E, top_k=K))
 
     def first_only(t, hook):
         t[..., 1] = 0
@@ -104,6 +104,6 @@ def test_an_in_place_edit_of_the_routing_weights_reaches_the_experts():
 def test_a_dense_model_matches_nothing_where_moe_layers_are_announced():
     toy = captured("llama")
     root, graph = toy.fresh()
-    err = no_match("hook_topk_moe", graph, root, SPEC, toy_dims(toy.model.config, n_experts=E, top_k=K, n_moe_layers=2))
+    err = no_match("hook_topk_moe", graph, root, SPEC, toy_dims(toy.model.config, n_experts=E, top_k=K))
     assert missed(err, 10, 0)
     assert hook_nodes(graph) == []

@@ -15,9 +15,12 @@ GATED = ["mlp.hook_pre_linear"]
 SANDWICH = ["ln1_post.hook_scale", "ln1_post.hook_normalized", "ln2_post.hook_scale", "ln2_post.hook_normalized"]
 ATTN_SOFTCAP = ["attn.hook_attn_scores_pre_cap"]
 # Gemma 4 (architectures/gemma4.py): per-layer embeddings and the MoE block next to the MLP
-GEMMA4 = ["ple.hook_per_layer_input", "ple.hook_gate", "ple.hook_gated", "hook_ple_out", "moe.hook_router_logits",
-          "moe.hook_expert_weights", "moe.hook_expert_indices", "moe.hook_routing_weights", "moe.hook_expert_out",
+GEMMA4 = ["ple.hook_per_layer_input", "ple.hook_gate", "ple.hook_gated", "hook_ple_out", "mlp.hook_router_logits",
+          "mlp.hook_router_probs", "mlp.hook_expert_indices", "mlp.hook_routing_weights", "mlp.hook_expert_out",
           "hook_moe_out"]
+# An MoE layer (HOOKS.md, mixture of experts): the routing hooks replace the dense MLP's hook_pre/pre_linear/post
+MOE = ["mlp.hook_router_logits", "mlp.hook_expert_indices", "mlp.hook_routing_weights", "mlp.hook_expert_out"]
+DENSE_MLP = ["mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"]
 FAMILY = {
     "llama": dict(rotary=True, gated=True, pos=False),
     "mistral": dict(rotary=True, gated=True, pos=False),
@@ -48,8 +51,10 @@ FAMILY.update(tiny.FAMILY)  # the family groups' facts (tests/tiny_<group>.py)
 def golden(arch: str, n_layers: int) -> set[str]:
     """Facts: rotary, gated, pos (learned positions), sandwich, attn_softcap, final_softcap, parallel (no
     resid_mid), ln2=False (one norm), extra (more per-layer hooks), drop (per-layer hooks the family lacks),
+    moe_layers (layers whose MLP is an MoE block: routing hooks instead of hook_pre/pre_linear/post), moe_extra
+    (more hooks of those layers: shared experts),
     nope_layers (layers without rotary: no rot hooks), kv_shared_layers (no k/v hooks), top (more model-level
-    hooks), final_norm=False (no ln_final), moe_layers (layers with the `moe` hooks instead of the `dense` ones)."""
+    hooks), final_norm=False (no ln_final)."""
     f = FAMILY[arch]
     per_layer = LAYER_HOOKS + (ROTARY if f["rotary"] else []) + (GATED if f["gated"] else [])
     per_layer += (SANDWICH if f.get("sandwich") else []) + (ATTN_SOFTCAP if f.get("attn_softcap") else [])
@@ -66,12 +71,12 @@ def golden(arch: str, n_layers: int) -> set[str]:
         names.add("hook_pos_embed")
     if f.get("final_softcap"):
         names.add("hook_logits")
+    moe_layers = set(f.get("moe_layers", ()))
+    moe = {f"blocks.{i}.{h}" for i in moe_layers for h in MOE + f.get("moe_extra", [])}
     shared = {f"blocks.{i}.attn.{h}" for i in f.get("kv_shared_layers", ()) for h in ("hook_k", "hook_v")}
+    shared |= {f"blocks.{i}.{h}" for i in moe_layers for h in DENSE_MLP}
     shared |= {f"blocks.{i}.{h}" for i in f.get("nope_layers", ()) for h in ROTARY}
-    # interleaved MoE layers (Llama 4): the layers in moe_layers have the `moe` hooks instead of the `dense` ones
-    shared |= {f"blocks.{i}.{h}" for i in f.get("moe_layers", ()) for h in f.get("dense", ())}
-    names |= {f"blocks.{i}.{h}" for i in f.get("moe_layers", ()) for h in f.get("moe", ())}
-    return (names | {f"blocks.{i}.{h}" for i in range(n_layers) for h in per_layer}) - shared
+    return (names | moe | {f"blocks.{i}.{h}" for i in range(n_layers) for h in per_layer}) - shared
 
 
 def expected_shape(name: str, dims: dict, batch: int, seq: int) -> tuple:
@@ -87,7 +92,7 @@ def expected_shape(name: str, dims: dict, batch: int, seq: int) -> tuple:
     if "d_per_layer_input" in dims or "n_experts" in dims:  # Gemma 4: PLE [B,S,P], MoE [B,S,E|K(,D)]
         P, E, K = dims.get("d_per_layer_input"), dims.get("n_experts"), dims.get("top_k")
         table.update({"hook_per_layer_input": (B, S, P), "hook_gate": (B, S, P), "hook_gated": (B, S, P),
-                      "hook_router_logits": (B, S, E), "hook_expert_weights": (B, S, E), "hook_router_probs": (B, S, E),
+                      "hook_router_logits": (B, S, E), "hook_router_probs": (B, S, E), "hook_shared_gate": (B, S, 1),
                       "hook_expert_indices": (B, S, K), "hook_routing_weights": (B, S, K),
                       "hook_expert_out": (B, S, K, D)})
     if name.endswith("mlp.ln_sub.hook_normalized"):  # BitNet's MLP sub-norm: over the MLP width
@@ -157,10 +162,8 @@ def test_aliases_reach_the_same_point(trio):
     _, _, gm = trio
     assert gm.resolve("blocks.1.attn.q.hook_out") == "blocks.1.attn.hook_q"
     assert gm.resolve("blocks.1.attn.o.hook_in") == "blocks.1.attn.hook_z"
-    # Llama 4: layer 1 is MoE, layer 0 dense; MoE-only models (DBRX) have no dense MLP hooks
-    dense = next((i for i in (1, 0, 2) if f"blocks.{i}.mlp.hook_post" in gm.hook_dict), None)
-    if dense is not None:
-        assert gm.resolve(f"blocks.{dense}.mlp.out.hook_in") == f"blocks.{dense}.mlp.hook_post"
+    dense = [i for i in range(gm.dims["n_layers"]) if f"blocks.{i}.mlp.hook_post" in gm.hook_dict]  # not MoE
+    assert all(gm.resolve(f"blocks.{i}.mlp.out.hook_in") == f"blocks.{i}.mlp.hook_post" for i in dense)
     assert gm.resolve("blocks.1.hook_out") == "blocks.1.hook_resid_post"
 
 
