@@ -57,7 +57,7 @@ CONFIGS: dict[str, dict[str, dict]] = {
             enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24),
     },
     # DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not define
-    "dbrx": {"dbrx": dict(attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+    "dbrx": {"dbrx": dict(d_model=64, n_heads=4, attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
                           ffn_config=dict(moe_num_experts=4, moe_top_k=2, ffn_hidden_size=128))},
     "llama4_text": {
         # transformers' defaults: every layer MoE (16 experts, top-1), every 4th layer NoPE

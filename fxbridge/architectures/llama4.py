@@ -31,7 +31,8 @@ LLAMA4_TEXT = ArchSpec(
     configure=lambda config: {"moe_layers": tuple(config.moe_layers)},  # HF's own list (interleave_moe_layer_step)
     requires=("Llama4TextConfig",),
     notes=("complex RoPE + L2 q/k norm (in `hook_rot_q/k`), NoPE layers with temperature tuning, chunked attention; "
-           "interleaved dense / MoE layers: sigmoid top-k router scaling the experts' inputs, a shared expert (`mlp.*`)"),
+           "interleaved dense / MoE layers: sigmoid top-k router scaling the experts' inputs, a shared expert "
+           "(`mlp.*`)"),
     passes=(hook_embeddings, hook_attention, hook_qkv, hook_mlp, hook_norms,
             hook_scaled_input_moe(moe="feed_forward", router="feed_forward.router", experts="feed_forward.experts",
                                   shared="feed_forward.shared_expert"),

@@ -98,8 +98,8 @@ def test_llama4_expert_out_is_each_chosen_expert_on_its_weighted_input(arch):
             for s in range(S)]) for b in range(B)])
     torch.testing.assert_close(cache[f"blocks.{i}.mlp.hook_expert_out"], want, atol=TOL, rtol=0)
     # slots + shared expert = the block output
-    torch.testing.assert_close(cache[f"blocks.{i}.mlp.hook_expert_out"].sum(2) + cache[f"blocks.{i}.mlp.hook_shared_out"],
-                               cache[f"blocks.{i}.hook_mlp_out"], atol=TOL, rtol=0)
+    slots, shared = cache[f"blocks.{i}.mlp.hook_expert_out"], cache[f"blocks.{i}.mlp.hook_shared_out"]
+    torch.testing.assert_close(slots.sum(2) + shared, cache[f"blocks.{i}.hook_mlp_out"], atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch", LLAMA4)
@@ -111,7 +111,8 @@ def test_llama4_zeroing_a_slot_removes_that_expert_at_that_token(arch):
     ff = f"model.layers.{i}.feed_forward"
     with torch.no_grad():
         _, cache = gm.run_with_cache(ids, names_filter=lambda n: n.startswith(f"blocks.{i}.mlp."))
-    e, w = int(cache[f"blocks.{i}.mlp.hook_expert_indices"][b, s, 0]), cache[f"blocks.{i}.mlp.hook_routing_weights"][b, s, 0]
+    e = int(cache[f"blocks.{i}.mlp.hook_expert_indices"][b, s, 0])
+    w = cache[f"blocks.{i}.mlp.hook_routing_weights"][b, s, 0]
     experts = ref.get_submodule(f"{ff}.experts")
 
     def remove(path, x, out):  # HF's block output minus expert e applied to its weighted input, at token (b, s)
@@ -260,7 +261,8 @@ def test_dbrx_routing_hooks_and_slots_against_hf(arch):
         experts = ref.get_submodule(f"{ffn}.experts")
         with torch.no_grad():
             want = torch.stack([torch.stack([torch.stack([
-                hooked["routing_weights"][b, s, k] * _dbrx_expert(experts, int(hooked["expert_indices"][b, s, k]), x[b, s])
+                hooked["routing_weights"][b, s, k]
+                * _dbrx_expert(experts, int(hooked["expert_indices"][b, s, k]), x[b, s])
                 for k in range(2)]) for s in range(S)]) for b in range(B)])
         torch.testing.assert_close(hooked["expert_out"], want, atol=TOL, rtol=0)
         torch.testing.assert_close(cache[f"blocks.{i}.hook_mlp_out"], seen[ffn][1], atol=TOL, rtol=0)
@@ -275,7 +277,8 @@ def test_dbrx_zeroing_a_slot_and_editing_weights_match_hf(arch):
     ffn = f"transformer.blocks.{i}.ffn"
     with torch.no_grad():
         _, cache = gm.run_with_cache(ids, names_filter=lambda n: n.startswith(f"blocks.{i}.mlp."))
-    e, w = int(cache[f"blocks.{i}.mlp.hook_expert_indices"][b, s, k]), cache[f"blocks.{i}.mlp.hook_routing_weights"][b, s, k]
+    e = int(cache[f"blocks.{i}.mlp.hook_expert_indices"][b, s, k])
+    w = cache[f"blocks.{i}.mlp.hook_routing_weights"][b, s, k]
     experts = ref.get_submodule(f"{ffn}.experts")
 
     def remove(path, x, out):  # HF's FFN output minus slot k's weighted expert at token (b, s)
