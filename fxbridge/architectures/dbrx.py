@@ -22,11 +22,12 @@ from .spec import ArchSpec
 
 
 def _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    """DbrxExperts.forward without its data-dependent loop: HF's values, slot by slot (grouped by expert)."""
-    batch = hidden_states.shape[0]
+    """DbrxExperts.forward without its data-dependent loop: HF's values, slot by slot (grouped by expert). Sizes are
+    read off the tensors themselves (``unflatten``, ``view_as``): a size computed in one layer would be reused by the
+    next in the captured graph, which keeps stitching from treating the layers as independent."""
     d, f, n_experts = self.hidden_size, self.ffn_hidden_size, self.num_experts
     x = hidden_states.reshape(-1, d)
-    n_tokens, k = x.shape[0], top_k_index.shape[-1]
+    k = top_k_index.shape[-1]
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))
     grouped = x[perm // k]
     counts = torch.histc(expert_ids.float() if x.device.type in ("cpu", "mps") else expert_ids.int(),
@@ -36,10 +37,8 @@ def _grouped_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     gate = self.mlp.activation_fn(_grouped_linear(grouped, w1, offsets))
     states = _grouped_linear(gate * _grouped_linear(grouped, v1, offsets), w2, offsets, is_transposed=True)
     states = states * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.shape[0], device=perm.device)
-    slots = states[inv].view(n_tokens, k, d)  # each token's K weighted expert outputs
-    return slots.sum(dim=1).view(batch, -1, d)
+    slots = states[torch.argsort(perm)].unflatten(0, (-1, k))  # each token's K weighted expert outputs [N,K,D]
+    return slots.sum(dim=1).view_as(hidden_states)
 
 
 DBRX = ArchSpec(

@@ -329,3 +329,21 @@ def test_llama4_stitched_at_8_layers_equals_full_capture(monkeypatch):
         a, b = stitched(ids, attention_mask=mask), full(ids, attention_mask=mask)
         assert torch.equal(a, b)
         assert ((a - ref(ids, attention_mask=mask).logits).abs() * mask[..., None]).max().item() < TOL
+
+
+@pytest.mark.slow
+def test_dbrx_stitched_at_4_layers_equals_full_capture(monkeypatch):
+    """The capture-time experts forward reads its sizes off its tensors, so the layers stitch (2 of 4 captured)."""
+    import transformers as tf
+    model = build_from_config(tf.DbrxConfig(**dict(CONFIGS["dbrx"].kwargs, n_layers=4)))
+    ref = eager_reference(model)
+    stitched = bridge.trace(model)
+    assert stitched.report.capture_notes[0].startswith("stitched: captured 2 of 4 layers")
+    monkeypatch.setenv("FXBRIDGE_STITCH", "0")
+    full = bridge.trace(model)
+    assert list(stitched.hook_dict) == list(full.hook_dict)
+    ids, mask = left_padded(3, 10, [0, 2, 5])
+    with torch.no_grad():
+        a, b = stitched(ids, attention_mask=mask), full(ids, attention_mask=mask)
+        assert torch.equal(a, b)
+        assert ((a - ref(ids, attention_mask=mask).logits).abs() * mask[..., None]).max().item() < TOL
