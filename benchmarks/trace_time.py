@@ -64,6 +64,16 @@ CONFIGS: dict[str, dict[str, dict]] = {
             num_kv_shared_layers=lambda n: n // 4, vocab_size_per_layer_input=512, hidden_size_per_layer_input=8,
             enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24),
     },
+    # DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig does not define
+    "dbrx": {"dbrx": dict(d_model=64, n_heads=4, attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+                          ffn_config=dict(moe_num_experts=4, moe_top_k=2, ffn_hidden_size=128))},
+    "llama4_text": {
+        # transformers' defaults: every layer MoE (16 experts, top-1), every 4th layer NoPE
+        "llama4_text": dict(num_local_experts=4, intermediate_size_mlp=128),
+        # the tests' Llama 4: dense / MoE interleaved (step 2), top-2
+        "llama4_text-interleaved": dict(num_local_experts=4, num_experts_per_tok=2, interleave_moe_layer_step=2,
+                                        intermediate_size_mlp=128),
+    },
 }
 
 

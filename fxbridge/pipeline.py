@@ -85,7 +85,8 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
         model.eval()
         if say:
             say(f"capturing {type(model).__name__} ({dims['n_layers']} layers) with torch.export ...")
-        captured = inferred.captured if inferred is not None else capture(model, layers=spec.layers)
+        captured = inferred.captured if inferred is not None else capture(
+            model, layers=spec.layers, forwards=spec.capture_forwards)
         if say:
             say(f"captured {len(captured.graph.nodes)} nodes in {captured.seconds:.1f}s; rewriting")
         ctx = PassContext(captured.graph, captured.root, spec, dims, model.config)

@@ -69,6 +69,10 @@ class ArchSpec:
     # names the installed transformers must export for this family (its config class): where one is missing
     # (a family newer than the installed transformers) the spec is not listed and get_spec says so
     requires: tuple[str, ...] = ()
+    # (HF module class name, forward) pairs: while the model is captured, that class runs this forward instead, an
+    # exportable equivalent of one torch.export cannot capture (DBRX's data-dependent loop over the hit experts).
+    # It must compute HF's values; the HF model itself is left as it was.
+    capture_forwards: tuple[tuple[str, Callable], ...] = ()
     passes: tuple[GraphPass, ...] = DEFAULT_PASSES
 
     def __post_init__(self):

@@ -9,7 +9,8 @@
 Rotary hooks go on the layers whose queries are rotated: a spec with ``rotary=True`` can have NoPE layers
 (SmolLM3's ``no_rope_layers``), which get no ``hook_rot_q``/``hook_rot_k``. A layer rotates when the query
 reaching the call is computed, inside the attention module, from a per-position tensor that is not the query
-projection's output (the rotary cos/sin); read from the graph, not from a config list.
+projection's output and varies along the head dimension (the rotary cos/sin); read from the graph, not from a
+config list.
 """
 import torch
 
@@ -44,10 +45,14 @@ _PROJECTIONS = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.m
 def _is_rotated(q, region: ModuleRegion) -> bool:
     """Whether the query reaching the attention call is rotated: computed, inside the attention module, from a
     per-position tensor (a value with a symbolic dimension: cos/sin, positions) that does not come from the query
-    projection. Norm weights have fixed shapes; the projection's own path is not per-position."""
+    projection and varies along the head dimension (its last dim a fixed size > 1: cos/sin, complex frequencies).
+    Norm weights have fixed shapes; the projection's own path is not per-position; a per-position scale of the
+    whole head (Llama 4's attention temperature tuning on NoPE layers, [1,S,1,1] from an arange over S) rotates
+    nothing."""
     def per_position(node) -> bool:
         val = node.meta.get("val")
-        return isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape)
+        return (isinstance(val, torch.Tensor) and val.dim() > 0 and any(isinstance(d, torch.SymInt) for d in val.shape)
+                and not isinstance(val.shape[-1], torch.SymInt) and int(val.shape[-1]) > 1)
 
     from_proj: dict = {}
 

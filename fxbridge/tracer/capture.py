@@ -173,24 +173,76 @@ def _unlift(ep, model) -> tuple[torch.nn.Module, fx.Graph]:
                 setattr(root, node.target, getattr(src, node.target))
             new = graph.node_copy(node, lambda n: env[n])
             env[node] = new
+    _skip_chained_noop_casts(graph)
     graph.eliminate_dead_code()
     return root, graph
 
 
-def capture(model, *, layers: str | None, batch: int = 2, seq: int = 7) -> Captured:
+_CASTS = {torch.ops.aten.to.dtype_layout, torch.ops.aten.to.dtype, torch.ops.aten.to.device}
+
+
+def _noop_cast(node: fx.Node) -> bool:
+    """``x.to(...)`` that returns x itself (same dtype, device and layout, no copy requested)."""
+    if node.op != "call_function" or node.target not in _CASTS or node.kwargs.get("copy") \
+            or not isinstance(node.args[0], fx.Node):
+        return False
+    out, inp = node.meta.get("val"), node.args[0].meta.get("val")
+    return (isinstance(out, torch.Tensor) and isinstance(inp, torch.Tensor) and out.dtype == inp.dtype
+            and out.device == inp.device and out.layout == inp.layout and out.shape == inp.shape)
+
+
+def _skip_chained_noop_casts(graph: fx.Graph) -> None:
+    """A no-op cast of a no-op cast reads the original value. ``x.to(device)`` returns x itself, so HF code that
+    casts a shared value in every layer (Llama 4's ``position_embeddings.to(q.device)``) is captured as layer i+1's
+    cast reading layer i's; reading the original keeps the layers independent (stitching needs that)."""
+    for node in graph.nodes:
+        if _noop_cast(node):
+            src = node.args[0]
+            while _noop_cast(src):
+                src = src.args[0]
+            if src is not node.args[0]:
+                node.replace_input_with(node.args[0], src)
+
+
+@contextlib.contextmanager
+def replaced_forwards(model, forwards):
+    """While inside, the model's module classes named in ``forwards`` ((class name, forward) pairs, the spec's
+    ``capture_forwards``) run the given forward; the classes get their own back afterwards."""
+    wanted = dict(forwards)
+    classes = {type(m) for m in model.modules() if type(m).__name__ in wanted}
+    missing = set(wanted) - {c.__name__ for c in classes}
+    if missing:
+        raise CaptureError(f"the spec replaces the forward of {sorted(missing)} during capture, but "
+                           f"{type(model).__name__} has no such module")
+    saved = {cls: cls.__dict__.get("forward") for cls in classes}
+    try:
+        for cls in classes:
+            cls.forward = wanted[cls.__name__]
+        yield
+    finally:
+        for cls, fwd in saved.items():
+            if fwd is None:
+                del cls.forward
+            else:
+                cls.forward = fwd
+
+
+def capture(model, *, layers: str | None, batch: int = 2, seq: int = 7, forwards=()) -> Captured:
     """Capture ``model`` into a graph whose get_attr nodes point at the model's own parameters.
 
     ``layers`` is the path of the decoder layers (the spec's ``layers``): their repetition is what stitching uses;
-    None captures every layer.
+    None captures every layer. ``forwards``: the spec's ``capture_forwards`` (see ``replaced_forwards``).
     """
     start = time.perf_counter()
-    stitched = None if layers is None else capture_stitched(model, layers, export_model, _unlift, batch=batch, seq=seq)
-    if stitched is not None:
-        root, graph, notes = stitched
-    else:
-        ep = export_model(model, batch=batch, seq=seq)
-        root, graph = _unlift(ep, model)
-        notes = ["captured every layer"]
+    with replaced_forwards(model, forwards):
+        stitched = None if layers is None else capture_stitched(model, layers, export_model, _unlift, batch=batch,
+                                                                seq=seq)
+        if stitched is not None:
+            root, graph, notes = stitched
+        else:
+            ep = export_model(model, batch=batch, seq=seq)
+            root, graph = _unlift(ep, model)
+            notes = ["captured every layer"]
     seconds = time.perf_counter() - start
     log.info("captured %s in %.1fs (%d nodes; %s)", type(model).__name__, seconds, len(graph.nodes), notes[0])
     return Captured(root=root, graph=graph, seconds=seconds, example_shape=(batch, seq), notes=notes)

@@ -69,8 +69,10 @@ def layer_kind(model, layers, i: int) -> tuple:
     attrs = tuple((name, k, v) for name, mod in layer.named_modules() for k, v in sorted(vars(mod).items())
                   if not k.startswith("_") and k not in _INDEX_ATTRS and _simple(v))
     config = model.config
-    per_layer = tuple((k, repr(v[i])) for k, v in sorted(vars(config).items())
-                      if isinstance(v, (list, tuple)) and len(v) == len(layers))
+    n = len(layers)
+    per_layer = tuple((k, i in v) if _layer_indices(k, v, n) else (k, repr(v[i]))
+                      for k, v in sorted(vars(config).items())
+                      if isinstance(v, (list, tuple)) and (len(v) == n or _layer_indices(k, v, n)))
     return type(layer).__qualname__, params, buffers, attrs, per_layer
 
 
@@ -106,7 +108,9 @@ def shallow_config(config, chosen: list[int]):
     if any(_index_keyed(v, total) for v in config.to_dict().values()):
         data = config.to_dict()  # derived per-layer state: rebuild the config from its serialised form
         for key, value in list(data.items()):
-            if isinstance(value, list) and len(value) == total:
+            if _layer_indices(key, value, total):  # a list of layer indices (Llama 4's moe_layers): renumbered
+                data[key] = [j for j, i in enumerate(chosen) if i in value]
+            elif isinstance(value, list) and len(value) == total:
                 data[key] = [value[i] for i in chosen]
             elif _index_keyed(value, total):
                 keys = {int(k): k for k in value}
@@ -120,10 +124,23 @@ def shallow_config(config, chosen: list[int]):
         return shallow
     shallow = copy.deepcopy(config)
     for key, value in list(vars(shallow).items()):
-        if isinstance(value, (list, tuple)) and len(value) == total:
+        if _layer_indices(key, value, total):  # a list of layer indices (Llama 4's moe_layers): renumbered
+            setattr(shallow, key, type(value)(j for j, i in enumerate(chosen) if i in value))
+        elif isinstance(value, (list, tuple)) and len(value) == total:
             setattr(shallow, key, type(value)(value[i] for i in chosen))
     shallow.num_hidden_layers = len(chosen)
     return shallow
+
+
+def _layer_indices(key: str, value, n: int) -> bool:
+    """A config list naming some layers by index (Llama 4's ``moe_layers``): a name with "layer" in it, strictly
+    increasing ints in [0, n). A per-layer list of flags or sizes is not strictly increasing (all of 0..n-1 reads
+    the same either way); the shallow copy's layer kinds are checked against the model's afterwards, so a misread
+    list refuses stitching."""
+    return ("layer" in key and isinstance(value, (list, tuple)) and 0 < len(value)
+            and all(type(v) is int for v in value)
+            and all(0 <= a < b < n for a, b in zip(value, value[1:])) and 0 <= value[0] < n
+            and (len(value) < n or list(value) == list(range(n))))
 
 
 def shallow_model(model, chosen: list[int], path: str):
