@@ -9,14 +9,14 @@ Where each DBRX convention is handled:
   ``DbrxExperts``. HF's experts loop over the experts a batch hits (``nonzero``: torch.export cannot capture it);
   during capture they run ``_grouped_experts_forward``, the same per-slot computation written as HF's own
   ``grouped_mm`` experts implementation: sort the slots by expert, grouped matmuls, weight, unsort, sum over K.
-  Hooks (``hook_topk_moe``): ``mlp.hook_router_logits``, ``mlp.hook_router_probs`` (the softmax top-k chooses
+  Hooks (``hook_moe``): ``mlp.hook_router_logits``, ``mlp.hook_router_probs`` (the softmax top-k chooses
   from), ``mlp.hook_expert_indices``, ``mlp.hook_routing_weights`` (after the normalisation), ``mlp.hook_expert_out``
   (each slot's expert output times its weight); ``hook_mlp_out`` is the FFN output. No dense MLP, no shared expert.
 """
 import torch
 from transformers.integrations.moe import _grouped_linear
 
-from ..passes import (hook_attention, hook_embeddings, hook_norms, hook_residual, hook_topk_moe, hook_unembed,
+from ..passes import (hook_attention, hook_embeddings, hook_moe, hook_norms, hook_residual, hook_unembed,
                       remove_eval_dropout, split_fused_qkv)
 from .spec import ArchSpec
 
@@ -51,7 +51,7 @@ DBRX = ArchSpec(
     capture_forwards=(("DbrxExperts", _grouped_experts_forward),),
     notes="fused `Wqkv` clamped by `clip_qkv` (inside `hook_q/k/v`); softmax top-k MoE on every layer (`mlp.*`)",
     passes=(remove_eval_dropout(per_layer=2), hook_embeddings, hook_attention, split_fused_qkv, hook_norms,
-            hook_topk_moe(router="ffn.router.layer", experts="ffn.experts"), hook_residual, hook_unembed),
+            hook_moe(router="ffn.router", experts="ffn.experts", probs=True), hook_residual, hook_unembed),
 )
 
 SPECS = (DBRX,)

@@ -19,7 +19,6 @@ from .hook_qkv import hook_qkv
 from .hook_residual import hook_residual
 from .hook_scaled_input_moe import hook_scaled_input_moe
 from .hook_shared_qkv import hook_shared_qkv
-from .hook_topk_moe import hook_topk_moe
 from .hook_unembed import hook_unembed
 from .make_adds_out_of_place import make_adds_out_of_place
 from .remove_eval_dropout import remove_eval_dropout
@@ -32,7 +31,7 @@ PASSES: dict[str, GraphPass] = {p.name: p for p in (
     hook_final_softcap, hook_logit_scale,
     hook_attn_result,
     alias_shared_kv, route_shared_kv, hook_shared_qkv, hook_per_layer_embeddings, hook_moe,
-    hook_mla, hook_scaled_input_moe, hook_topk_moe,
+    hook_mla, hook_scaled_input_moe,
     split_fused_qkv, capture_eager_attention, remove_eval_dropout, make_adds_out_of_place,
     unflatten_token_rows,
     hook_diff_attention, hook_jetmoe,
