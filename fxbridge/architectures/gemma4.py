@@ -61,7 +61,7 @@ GEMMA4_TEXT = replace(
     GEMMA3_TEXT,
     model_types=("gemma4_text",),
     family="Gemma 4 (text)",
-    notes=("q/k/v norms, KV sharing across layers, `attention_k_eq_v`, per-layer embeddings (`ple.*`), MoE (`moe.*`), "
+    notes=("q/k/v norms, KV sharing across layers, `attention_k_eq_v`, per-layer embeddings (`ple.*`), an MoE branch beside the dense MLP when `enable_moe_block` (`mlp.hook_router_logits` ..., `hook_moe_out`), "
            "`layer_scalar`, per-layer head sizes; real pre-softmax scores whose edits take effect"),
     requires=("Gemma4TextConfig",),  # transformers >= 5.5
     dims_of=_dims,

@@ -11,6 +11,9 @@ from pathlib import Path
 BEGIN, END = "<!-- architectures:begin -->", "<!-- architectures:end -->"
 
 
+_MOE_PASSES = ("hook_moe", "hook_scaled_input_moe", "hook_jetmoe")
+
+
 def _layout(spec) -> str:
     """The layout facts a spec states, in words (configure()-chosen ones are the family's default config's)."""
     facts = ["RMSNorm" if spec.norm == "rms" else "LayerNorm", "RoPE" if spec.rotary else "no RoPE"]
@@ -19,11 +22,14 @@ def _layout(spec) -> str:
     facts.append("parallel block" if spec.parallel else "sequential block")
     if spec.ln1_post or spec.ln2_post:
         facts.append("post-norms" if spec.ln1 is None else "sandwich norms")
-    if spec.mlp_gate:
+    moe = [p.name for p in spec.passes if p.name in _MOE_PASSES]
+    if moe:
+        facts.append(f"MoE layers (`{moe[0]}`)")
+    elif spec.mlp_gate:
         facts.append("gated MLP")
     if spec.pos_embed:
         facts.append("learned positions")
-    if spec.configure is not None:
+    if spec.configure is not None and not moe:  # MoE specs' configure picks the MoE layers
         facts.append("layout chosen per config")
     if spec.requires:
         facts.append(f"needs {', '.join(spec.requires)}")
