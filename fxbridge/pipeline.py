@@ -77,6 +77,9 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
             inferred = infer(model)
             spec = inferred.spec
     check_lm_head(model, spec)
+    if use_attn_result and spec.no_attn_result:
+        raise ValueError(f"use_attn_result=True is not available for {spec.family} ({spec.model_type}): "
+                         f"{spec.no_attn_result}")
     dims = dims_from_config(model.config, spec)
     say = _progress_printer(progress)
     modes = {m: m.training for m in model.modules()}

@@ -39,6 +39,8 @@ JETMOE = ArchSpec(
     mlp="mlp", mlp_gate=None, mlp_in="input_linear", mlp_out="output_linear", dims_of=_jetmoe_dims,
     configure=lambda config: dict(moe_layers=tuple(range(config.num_hidden_layers))),  # every MLP is the MoE
     passes=(hook_embeddings, hook_jetmoe, hook_norms, hook_residual, hook_unembed),
+    no_attn_result="its output projection is a mixture of experts (each slot's expert output is "
+                   "`attn.hook_expert_out`), not one W_O to split per head",
     notes="mixture of attention heads: a top-K router picks the query/output experts (`attn.hook_router_logits`, "
           "`hook_expert_indices`, `hook_routing_weights`, `hook_expert_out` [B,S,K,D]); H = K x kv heads, head "
           "k*Hkv+j = slot k over kv head j; MoE MLP with its own gating: `mlp.hook_router_logits` ... "

@@ -65,6 +65,8 @@ class ArchSpec:
     # sizes only this family has or computes its own way: config -> {dim: size}, added to dims_from_config's
     dims_of: Callable[[object], dict[str, int]] | None = None
     notes: str = ""
+    # why ``trace(..., use_attn_result=True)`` cannot split this family's output projection per head (None: it can)
+    no_attn_result: str | None = None
     inferred: bool = False  # read from the model by architectures/infer.py, not registered (trace verifies it)
     # names the installed transformers must export for this family (its config class): where one is missing
     # (a family newer than the installed transformers) the spec is not listed and get_spec says so

@@ -18,7 +18,13 @@ def traced_with_result(arch):
     return _RESULT[arch]
 
 
-@pytest.mark.parametrize("arch", arch_params(slow_beyond_core=True))
+def _splittable(arch) -> bool:
+    from fxbridge.architectures import get_spec
+    from tiny import CONFIGS, missing_config_class
+    return missing_config_class(arch) is not None or not get_spec(CONFIGS[arch]()).no_attn_result
+
+
+@pytest.mark.parametrize("arch", [p for p in arch_params(slow_beyond_core=True) if _splittable(p.values[0])])
 def test_hook_result_sums_to_the_output_projection(arch):
     model, ref, gm = traced_with_result(arch)
     layer = 1
@@ -69,3 +75,10 @@ def test_hook_result_is_absent_unless_asked():
     from conftest import traced
     _, _, gm = traced("llama")
     assert not any(name.endswith("hook_result") for name in gm.hook_dict)
+
+
+@pytest.mark.parametrize("arch", arch_params(["jetmoe"]))
+def test_a_family_without_one_output_projection_refuses_use_attn_result_by_saying_why(arch):
+    with pytest.raises(ValueError, match="use_attn_result=True is not available for JetMoE .jetmoe.: its output "
+                                         "projection is a mixture of experts"):
+        bridge.trace(build(arch), use_attn_result=True)
