@@ -13,12 +13,13 @@ from fxbridge import bench, cli
 from fxbridge.bench import main, suite_entries
 
 REPO = Path(__file__).resolve().parents[2]
-SUITE_FILES = ["falcon-7b-scaled", "gemma-2-2b", "gemma-4-text", "llama-3.2-1b", "santacoder-1b"]
+SUITE_FILES = ["falcon-7b-scaled", "gemma-2-2b", "gemma-4-text", "llama-3.2-1b", "mixtral-8x7b-scaled", "qwen2-moe-scaled",
+               "santacoder-1b"]
 
 
 def test_suite_configs_cover_the_named_checkpoints():
     types = {entry["config"]["model_type"] for entry in suite_entries()}
-    assert types == {"gemma2", "gpt_bigcode", "llama", "falcon", "gemma4_text"}
+    assert types == {"gemma2", "gpt_bigcode", "llama", "falcon", "gemma4_text", "mixtral", "qwen2_moe"}
 
 
 def test_bench_one_model_writes_table_and_json(tmp_path, capsys):
