@@ -135,3 +135,27 @@ def output_of(graph: fx.Graph, path: str, what: str) -> fx.Node:
     if out is None:
         raise NoMatch(path, what, NOTHING)
     return out
+
+
+def token_dims(graph: fx.Graph, start: fx.Node, d_model: int, where: str) -> tuple[fx.Node, fx.Node]:
+    """B and S as graph values, for seeing HF's flattened [B*S, ...] token rows as [B,S,...]: the symbolic sizes of
+    the nearest [B,S,D] tensor up the use-def edges from ``start`` (``start`` included; every [B,S,D] tensor of a
+    forward has the same B and S), inserted right after it. Read off the residual, not the token ids, so a forward
+    from ``inputs_embeds`` has them too."""
+    todo, seen = [start], set()
+    while todo:
+        node = todo.pop(0)
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() == 3 and val.shape[-1] == d_model:
+            with graph.inserting_after(node):
+                s = graph.call_function(aten.sym_size.int, (node, 1))
+            with graph.inserting_after(node):
+                b = graph.call_function(aten.sym_size.int, (node, 0))
+            for n in (b, s):
+                n.meta.update(scoped_meta(node, None))
+            return b, s
+        if node in seen or node.op != "call_function":
+            continue
+        seen.add(node)
+        todo.extend(node.all_input_nodes)
+    raise NoMatch(where, "a [B,S,D] tensor the token rows are computed from", NOTHING)

@@ -26,7 +26,7 @@ from ..runtime.names import hook_name
 from ..tracer.attention_op import AttentionCall
 from ..tracer.graph_facts import ModuleRegion, scoped_meta
 from .base import NoMatch, PassContext, graph_pass
-from .graph_utils import SWAP_HEADS_POS, heads_view, hook_after, hook_viewed, install, output_of, single
+from .graph_utils import SWAP_HEADS_POS, heads_view, hook_after, hook_viewed, install, output_of, single, token_dims
 from .hook_attention import _layer_of
 
 aten = torch.ops.aten
@@ -47,17 +47,6 @@ def _float(node) -> bool:
 def _item(node: fx.Node, index: int, where: str) -> fx.Node:
     return single([u for u in node.users if u.target is operator.getitem and u.args[1] == index],
                   f"item {index} of {node.name}", where)
-
-
-def _batch_seq(graph: fx.Graph, before: fx.Node) -> tuple[fx.Node, fx.Node]:
-    """Symbolic B and S of the token ids, inserted before ``before`` (HF flattens [B,S,D] into [B*S,D])."""
-    ids = single(graph.find_nodes(op="placeholder", target="input_ids"), "input_ids placeholder", "the graph")
-    with graph.inserting_before(before):
-        b = graph.call_function(aten.sym_size.int, (ids, 0))
-        s = graph.call_function(aten.sym_size.int, (ids, 1))
-    for n in (b, s):
-        n.meta.update(scoped_meta(before, None))
-    return b, s
 
 
 def _token_rows(ctx, node, name, bs, *, scope, hf_module, users=None):
@@ -161,7 +150,7 @@ def hook_jetmoe(ctx: PassContext, *, experts: str = "experts", kv: str = "kv_pro
     for i in range(dims["n_layers"]):
         attn, mlp = spec.layer(i, spec.attn), spec.mlp_path(i)
         call = single(calls.get(i, []), "attention call (fxbridge::attention)", attn)
-        bs = _batch_seq(graph, ModuleRegion.of(graph, spec.layer(i)).nodes[0])
+        bs = token_dims(graph, ModuleRegion.of(graph, spec.layer(i)).nodes[0], ctx.dims["d_model"], spec.layer(i))
         # attention router, query experts, k / v
         order = _hook_router(ctx, "attn", i, f"{attn}.{experts}.{router}", bs)
         q = _query_heads(graph, f"{attn}.{experts}", n_heads, d_head)

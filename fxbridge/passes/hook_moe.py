@@ -10,7 +10,7 @@ with a bias and group-limited top-k, renormalised or scaled), the experts' input
 ->  l = mlp.hook_router_logits(l) ; idx = mlp.hook_expert_indices(idx) ; w = mlp.hook_routing_weights(w)
     slots = mlp.hook_expert_out(slots) ; shared = mlp.hook_shared_out(gate * shared_expert(x))
 Token-major tensors are seen as [B,S,...] (views: in-place edits propagate); B and S are read from the [B,S,D]
-tensor the router's input was flattened from. Optional parts: ``probs`` (the softmax / sigmoid of the logits,
+tensor the router's input was flattened from (``graph_utils.token_dims``). Optional parts: ``probs`` (the softmax / sigmoid of the logits,
 ``mlp.hook_router_probs``), ``shared`` (a shared expert module, its output as added: ``mlp.hook_shared_out``),
 ``shared_gate`` (a module whose sigmoid gates the shared expert: ``mlp.hook_shared_gate``), ``out_norm`` (Gemma 4:
 a norm ending the MoE branch, ``hook_moe_out``). Module names are relative to the decoder layer; the layers are
@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 
 from ..runtime.names import hook_name
-from ..tracer.graph_facts import ModuleRegion, scoped_meta
+from ..tracer.graph_facts import ModuleRegion
 from .base import NoMatch, PassContext, graph_pass
-from .graph_utils import NOTHING, hook_after, hook_viewed, output_of, single
+from .graph_utils import NOTHING, hook_after, hook_viewed, output_of, single, token_dims
 
 aten = torch.ops.aten
 _MATMULS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default}
@@ -40,32 +40,6 @@ def _expected(spec, dims, *, router, experts, probs=False, shared=None, shared_g
 def _val(node):
     val = node.meta.get("val") if hasattr(node, "meta") else None
     return val if isinstance(val, torch.Tensor) else None
-
-
-def _tokens_source(flat, d_model: int, where: str):
-    """A [B,S,D] tensor the [N,D] router input is computed from (the residual HF flattened): every [B,S,D] tensor
-    of the forward has the same B and S, so the nearest one up the use-def edges serves."""
-    todo, seen = [flat], set()
-    while todo:
-        node = todo.pop(0)
-        val = _val(node)
-        if val is not None and val.dim() == 3 and val.shape[-1] == d_model:
-            return node
-        if node in seen or node.op != "call_function":
-            continue
-        seen.add(node)
-        todo.extend(node.all_input_nodes)
-    raise NoMatch(where, "the router input computed from the [B,S,D] residual", NOTHING)
-
-
-def _batch_seq(graph, residual):
-    with graph.inserting_after(residual):
-        b = graph.call_function(aten.sym_size.int, (residual, 0))
-    with graph.inserting_after(b):
-        s = graph.call_function(aten.sym_size.int, (residual, 1))
-    for n in (b, s):
-        n.meta.update(scoped_meta(residual, None))
-    return b, s
 
 
 def _router_logits(graph, path: str, n_experts: int):
@@ -117,13 +91,13 @@ def _gated(graph, shared_out, gate_path: str, where: str):
     return sig, product
 
 
-def _hook_tokens(ctx, node, name: str, rank: int, residual, scope: str, hf_module: str, cache: dict) -> None:
+def _hook_tokens(ctx, node, name: str, rank: int, flat_in, scope: str, hf_module: str, cache: dict) -> None:
     """Hook a token-major tensor as [B,S,...] (``rank`` dims): a flat [N,...] one through an unflatten view."""
     if _val(node) is None or _val(node).dim() == rank:
         hook_after(ctx, node, name, scope=scope, hf_module=hf_module)
         return
     if "bs" not in cache:
-        cache["bs"] = _batch_seq(ctx.graph, residual)
+        cache["bs"] = token_dims(ctx.graph, flat_in, ctx.dims["d_model"], hf_module)
     b, s = cache["bs"]
     hook_viewed(ctx, node, name, to_hook=(aten.unflatten.int, (0, [b, s])), from_hook=(aten.flatten.using_ints, (0, 1)),
                 scope=scope, hf_module=hf_module)
@@ -145,7 +119,6 @@ def hook_moe(ctx: PassContext, *, router: str, experts: str, probs: bool = False
             continue  # a dense layer (an MoE layer the spec does not list is hooked, and the count says so)
         logits = _router_logits(graph, router_path, dims.get("n_experts", 0))
         flat_in = logits.args[0] if logits.target != aten.addmm.default else logits.args[1]
-        residual = _tokens_source(flat_in, dims["d_model"], router_path)
         region = ModuleRegion.of(graph, experts_path)
         if not region.nodes:
             raise NoMatch(experts_path, "the experts module's computation", NOTHING)
@@ -165,7 +138,7 @@ def hook_moe(ctx: PassContext, *, router: str, experts: str, probs: bool = False
         cache: dict = {}
         for node, name, path in todo:
             rank = 4 if name == "mlp.hook_expert_out" else 3
-            _hook_tokens(ctx, node, hook_name(name, i), rank, residual, layer, path, cache)
+            _hook_tokens(ctx, node, hook_name(name, i), rank, flat_in, layer, path, cache)
             found += 1
         if out_norm:
             out = output_of(graph, spec.layer(i, out_norm), "the MoE block's output norm")

@@ -25,7 +25,7 @@ import torch
 from ..runtime.names import hook_name
 from ..tracer.graph_facts import ModuleRegion, scoped_meta
 from .base import NoMatch, PassContext, graph_pass
-from .graph_utils import NOTHING, hook_viewed, output_of, single
+from .graph_utils import NOTHING, hook_viewed, output_of, single, token_dims
 
 aten = torch.ops.aten
 _TOPK = {aten.topk.default}
@@ -50,17 +50,6 @@ def _follow(node, ops):
     return node
 
 
-def _batch_seq(graph, before):
-    """Symbolic B and S of the token ids (HF flattens the [B,S,D] stream into [N,D] token rows)."""
-    ids = single(graph.find_nodes(op="placeholder", target="input_ids"), "input_ids placeholder", "the graph")
-    with graph.inserting_before(before):
-        b = graph.call_function(aten.sym_size.int, (ids, 0))
-        s = graph.call_function(aten.sym_size.int, (ids, 1))
-    for n in (b, s):
-        n.meta.update(scoped_meta(before, None))
-    return b, s
-
-
 def _call(graph, after, meta_node, scope, op, args):
     with graph.inserting_after(after):
         node = graph.call_function(op, args)
@@ -79,7 +68,7 @@ def hook_scaled_input_moe(ctx: PassContext, *, moe: str, router: str, experts: s
         routing = ModuleRegion.of(graph, router_path)
         if not routing.nodes:
             raise NoMatch(router_path, "the router of an MoE layer (spec.moe_layers)", NOTHING)
-        b, s = _batch_seq(graph, routing.nodes[0])
+        b, s = token_dims(graph, routing.nodes[0], ctx.dims["d_model"], routing.path)
         tokens = ((aten.unflatten.int, (0, [b, s])), (aten.flatten.using_ints, (0, 1)))
 
         # router: logits -> topk -> scatter into -inf -> sigmoid
