@@ -92,6 +92,25 @@ def _no_cache(config):
             del config.use_cache
 
 
+def _dispatch_as_eager(graph: fx.Graph) -> None:
+    """Where HF picks a kernel at run time and picks differently while torch.export traces, call HF's dispatcher.
+
+    HF's fused experts (``transformers.integrations.moe._grouped_mm``) use torch's native ``grouped_mm`` kernel in
+    eager mode where the device and torch allow it, but take their Python-loop fallback op while compiling or
+    exporting (``is_torchdynamo_compiling``): the captured graph holds the fallback. The traced module calls the
+    dispatcher instead, so it makes the choice HF's own forward makes (same values; HF's speed)."""
+    try:
+        from transformers.integrations import moe
+        fallback = torch.ops.transformers.grouped_mm_fallback.default
+    except (ImportError, AttributeError, RuntimeError):  # a transformers without fused experts
+        return
+    dispatch = getattr(moe, "_grouped_mm", None)
+    if dispatch is None:
+        return
+    for node in graph.find_nodes(op="call_function", target=fallback):
+        node.target = dispatch
+
+
 def export_model(model, *, batch: int = 2, seq: int = 7):
     """torch.export the model's forward(input_ids, attention_mask, use_cache=False) with dynamic B and S.
 
@@ -243,6 +262,7 @@ def capture(model, *, layers: str | None, batch: int = 2, seq: int = 7, forwards
             ep = export_model(model, batch=batch, seq=seq)
             root, graph = _unlift(ep, model)
             notes = ["captured every layer"]
+    _dispatch_as_eager(graph)
     seconds = time.perf_counter() - start
     log.info("captured %s in %.1fs (%d nodes; %s)", type(model).__name__, seconds, len(graph.nodes), notes[0])
     return Captured(root=root, graph=graph, seconds=seconds, example_shape=(batch, seq), notes=notes)
