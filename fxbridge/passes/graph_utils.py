@@ -137,6 +137,11 @@ def output_of(graph: fx.Graph, path: str, what: str) -> fx.Node:
     return out
 
 
+def first_tensor(nodes) -> fx.Node | None:
+    """The first of ``nodes`` computing a tensor (not size arithmetic, which stitching may share between layers)."""
+    return next((n for n in nodes if isinstance(n.meta.get("val"), torch.Tensor)), None)
+
+
 def token_dims(graph: fx.Graph, start: fx.Node, d_model: int, where: str) -> tuple[fx.Node, fx.Node]:
     """B and S as graph values, for seeing HF's flattened [B*S, ...] token rows as [B,S,...]: the symbolic sizes of
     the nearest [B,S,D] tensor up the use-def edges from ``start`` (``start`` included; every [B,S,D] tensor of a

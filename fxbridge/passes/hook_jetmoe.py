@@ -26,7 +26,8 @@ from ..runtime.names import hook_name
 from ..tracer.attention_op import AttentionCall
 from ..tracer.graph_facts import ModuleRegion, scoped_meta
 from .base import NoMatch, PassContext, graph_pass
-from .graph_utils import SWAP_HEADS_POS, heads_view, hook_after, hook_viewed, install, output_of, single, token_dims
+from .graph_utils import (SWAP_HEADS_POS, first_tensor, heads_view, hook_after, hook_viewed, install, output_of, single,
+                          token_dims)
 from .hook_attention import _layer_of
 
 aten = torch.ops.aten
@@ -150,7 +151,8 @@ def hook_jetmoe(ctx: PassContext, *, experts: str = "experts", kv: str = "kv_pro
     for i in range(dims["n_layers"]):
         attn, mlp = spec.layer(i, spec.attn), spec.mlp_path(i)
         call = single(calls.get(i, []), "attention call (fxbridge::attention)", attn)
-        bs = token_dims(graph, ModuleRegion.of(graph, spec.layer(i)).nodes[0], ctx.dims["d_model"], spec.layer(i))
+        bs = token_dims(graph, first_tensor(ModuleRegion.of(graph, spec.layer(i)).nodes), ctx.dims["d_model"],
+                        spec.layer(i))
         # attention router, query experts, k / v
         order = _hook_router(ctx, "attn", i, f"{attn}.{experts}.{router}", bs)
         q = _query_heads(graph, f"{attn}.{experts}", n_heads, d_head)

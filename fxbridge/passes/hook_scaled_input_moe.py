@@ -25,7 +25,7 @@ import torch
 from ..runtime.names import hook_name
 from ..tracer.graph_facts import ModuleRegion, scoped_meta
 from .base import NoMatch, PassContext, graph_pass
-from .graph_utils import NOTHING, hook_viewed, output_of, single, token_dims
+from .graph_utils import NOTHING, first_tensor, hook_viewed, output_of, single, token_dims
 
 aten = torch.ops.aten
 _TOPK = {aten.topk.default}
@@ -68,7 +68,7 @@ def hook_scaled_input_moe(ctx: PassContext, *, moe: str, router: str, experts: s
         routing = ModuleRegion.of(graph, router_path)
         if not routing.nodes:
             raise NoMatch(router_path, "the router of an MoE layer (spec.moe_layers)", NOTHING)
-        b, s = token_dims(graph, routing.nodes[0], ctx.dims["d_model"], routing.path)
+        b, s = token_dims(graph, first_tensor(routing.nodes), ctx.dims["d_model"], routing.path)
         tokens = ((aten.unflatten.int, (0, [b, s])), (aten.flatten.using_ints, (0, 1)))
 
         # router: logits -> topk -> scatter into -inf -> sigmoid

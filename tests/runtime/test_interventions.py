@@ -93,7 +93,8 @@ def test_editing_scores_takes_effect(core_trio):
 def test_in_place_edit_of_norm_scale_propagates(core_trio):
     _, _, gm = core_trio
     ids = tokens(1, 4)
-    ln = "ln2" if gm.spec.ln2 is not None else "ln1"  # Falcon 7B style: one norm for attention and MLP
+    # Falcon 7B style: one norm for attention and MLP; post-norm-only blocks (OLMo 2, FlexOlmo): their post-norms
+    ln = next(n for n in ("ln2", "ln1", "ln2_post", "ln1_post") if f"blocks.0.{n}.hook_scale" in gm.hook_dict)
     with torch.no_grad():
         _, clean = gm.run_with_cache(ids, names_filter=f"blocks.0.{ln}.hook_normalized")
 
@@ -102,7 +103,8 @@ def test_in_place_edit_of_norm_scale_propagates(core_trio):
 
         with gm.hooks(fwd_hooks=[(f"blocks.0.{ln}.hook_scale", double)]):
             _, edited = gm.run_with_cache(ids, names_filter=f"blocks.0.{ln}.hook_normalized")
-    torch.testing.assert_close(edited["normalized", 0, ln], clean["normalized", 0, ln] / 2)
+    name = f"blocks.0.{ln}.hook_normalized"
+    torch.testing.assert_close(edited[name], clean[name] / 2)
 
 
 def test_backward_hooks_receive_the_gradient(core_trio):
