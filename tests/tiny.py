@@ -1,6 +1,7 @@
 """Tiny random-weight models built from config classes (no hub), odd sizes to catch shape bugs."""
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -159,6 +160,17 @@ def build(arch: str, seed: int = 0, attn_implementation: str | None = None) -> t
     if arch in ADJUST:
         ADJUST[arch](model)
     return model
+
+
+@contextlib.contextmanager
+def forward_hooks(*pairs):
+    """Forward hooks ``(module, fn)`` on HF modules while inside, removed after (the tests' HF-side recorders)."""
+    handles = [module.register_forward_hook(fn) for module, fn in pairs]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def eager_reference(model: torch.nn.Module) -> torch.nn.Module:

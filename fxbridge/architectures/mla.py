@@ -13,6 +13,8 @@ HF's own code in the graph.
 Sizes: ``d_head`` is the q/k head (qk_nope + qk_rope), ``d_head_v`` the value head; the keys entering attention
 have one head per query head (``n_kv_heads = n_heads``).
 """
+from dataclasses import replace
+
 from ..passes import (hook_attention, hook_embeddings, hook_mla, hook_mlp, hook_moe, hook_norms, hook_residual,
                       hook_unembed)
 from .moe import moe_dims, moe_layers_of
@@ -46,11 +48,9 @@ DEEPSEEK_V3 = ArchSpec(
     notes="multi-head latent attention (`attn.hook_q_latent` / `hook_kv_latent` / `hook_k_rope`); sigmoid router "
           "with grouped top-k, shared experts, dense first layers",
     passes=_PASSES)
-DEEPSEEK_V2 = ArchSpec(
-    model_types=("deepseek_v2",), family="DeepSeek V2", q=None, k=None, v=None, dims_of=_mla_dims,
-    configure=_configure,
+DEEPSEEK_V2 = replace(
+    DEEPSEEK_V3, model_types=("deepseek_v2",), family="DeepSeek V2",
     notes="multi-head latent attention (complex-number RoPE; no query LoRA in V2-Lite); softmax router, shared "
-          "experts, dense first layers",
-    passes=_PASSES)
+          "experts, dense first layers")
 
 SPECS = (DEEPSEEK_V3, DEEPSEEK_V2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import arch_params, traced
-from tiny import tokens
+from tiny import forward_hooks, tokens
 
 TOL = 1e-5
 
@@ -14,14 +14,9 @@ TOL = 1e-5
 def _hf_outputs(ref, ids, *modules) -> list[list]:
     """Every output of each HF module during ``ref(ids)`` (a module HF calls twice has two)."""
     outputs = [[] for _ in modules]
-    handles = [m.register_forward_hook(lambda mod, args, out, seen=seen: seen.append(out))
-               for m, seen in zip(modules, outputs)]
-    try:
-        with torch.no_grad():
-            ref(ids)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(m, lambda mod, args, out, seen=seen: seen.append(out)) for m, seen in zip(modules, outputs)]
+    with forward_hooks(*hooks), torch.no_grad():
+        ref(ids)
     return outputs
 
 

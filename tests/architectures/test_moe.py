@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import arch_params, traced
-from tiny import tokens
+from tiny import forward_hooks, tokens
 
 TOL = 1e-5
 # one family per routing convention in make test (softmax top-k renormalised, shared expert with a sigmoid gate,
@@ -36,15 +36,10 @@ def _record(ref, ids, layer):
     block = _block(ref.model.layers[layer])
     seen = {}
     router = getattr(block, "gate", None) if hasattr(block, "gate") else block.router
-    handles = [router.register_forward_hook(lambda m, a, out: seen.__setitem__("router", out)),
-               block.experts.register_forward_hook(lambda m, a, out: seen.__setitem__("experts", (a, out))),
-               block.register_forward_hook(lambda m, a, out: seen.__setitem__("block", out))]
-    try:
-        with torch.no_grad():
-            logits = ref(ids).logits
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks((router, lambda m, a, out: seen.__setitem__("router", out)),
+                       (block.experts, lambda m, a, out: seen.__setitem__("experts", (a, out))),
+                       (block, lambda m, a, out: seen.__setitem__("block", out))), torch.no_grad():
+        logits = ref(ids).logits
     return logits, seen
 
 
@@ -110,12 +105,8 @@ def test_zeroing_one_slot_removes_that_experts_contribution_at_that_token_only(a
         out = out.clone()
         out.view(-1, out.shape[-1])[token] -= contribution
         return out
-    handle = _block(ref.model.layers[i]).register_forward_hook(remove)
-    try:
-        with torch.no_grad():
-            want = ref(ids).logits
-    finally:
-        handle.remove()
+    with forward_hooks((_block(ref.model.layers[i]), remove)), torch.no_grad():
+        want = ref(ids).logits
 
     def zero(t, hook):
         t[1, 1, slot] = 0
@@ -133,14 +124,9 @@ def test_the_shared_expert_gate_is_the_sigmoid_of_hfs_gate_and_scales_the_shared
     ids = tokens(2, 5)
     block = ref.model.layers[1].mlp
     seen = {}
-    handles = [block.shared_expert_gate.register_forward_hook(lambda m, a, out: seen.__setitem__("gate", out)),
-               block.shared_expert.register_forward_hook(lambda m, a, out: seen.__setitem__("shared", out))]
-    try:
-        with torch.no_grad():
-            ref(ids)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks((block.shared_expert_gate, lambda m, a, out: seen.__setitem__("gate", out)),
+                       (block.shared_expert, lambda m, a, out: seen.__setitem__("shared", out))), torch.no_grad():
+        ref(ids)
     with torch.no_grad():
         _, cache = gm.run_with_cache(ids, names_filter=["blocks.1.mlp.hook_shared_gate", "blocks.1.mlp.hook_shared_out"])
     gate = torch.sigmoid(seen["gate"]).view(2, 5, 1)
