@@ -12,8 +12,9 @@ class ActivationCache(Mapping):
     """Activations from ``run_with_cache``, one entry per hook point; read-only mapping."""
 
     def __init__(self, cache_dict: dict[str, torch.Tensor], n_layers: int, has_batch_dim: bool = True,
-                 aliases: dict[str, str] | None = None):
+                 aliases: dict[str, str] | None = None, model=None):
         self.cache_dict = cache_dict
+        self.model = model  # the traced module (weights and cfg for the analysis methods); None for a bare cache
         self.n_layers = n_layers
         self.has_batch_dim = has_batch_dim
         self.aliases = dict(aliases or {})  # TransformerBridge-style alias -> canonical name (as gm.resolve)
@@ -49,7 +50,7 @@ class ActivationCache(Mapping):
 
     def to(self, device) -> "ActivationCache":
         return ActivationCache({k: v.to(device) for k, v in self.cache_dict.items()}, self.n_layers, self.has_batch_dim,
-                               self.aliases)
+                               self.aliases, self.model)
 
     def remove_batch_dim(self) -> "ActivationCache":
         if not self.has_batch_dim:
@@ -57,7 +58,7 @@ class ActivationCache(Mapping):
         for value in self.cache_dict.values():
             if value.shape[0] != 1:
                 raise ValueError(f"remove_batch_dim needs batch size 1, got {value.shape[0]}")
-        return ActivationCache({k: v[0] for k, v in self.cache_dict.items()}, self.n_layers, False, self.aliases)
+        return ActivationCache({k: v[0] for k, v in self.cache_dict.items()}, self.n_layers, False, self.aliases, self.model)
 
     def stack_activation(self, name: str) -> torch.Tensor:
         """One activation across layers, stacked on a new leading dim: ``stack_activation("resid_post")``."""

@@ -35,11 +35,14 @@ from .cache import ActivationCache
 from .fast_forward import build_fast_forward, slots_for
 from .hook_point import HookHandle, HookPoint
 from .names import aliases_for, hook_name, shape_of
+from .sae import SAEMixin
+from .tokens import TokensMixin
+from .weights import WeightsMixin
 
 NameOrFilter = "str | Callable[[str], bool]"
 
 
-class HookedGraphModule(fx.GraphModule):
+class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
     """``gm(input_ids, attention_mask=None, stop_at_layer=None) -> logits`` plus the hook API (HOOKS.md)."""
 
     def __init__(self, root: torch.nn.Module, graph: fx.Graph, *, spec, dims: dict[str, int],
@@ -258,7 +261,7 @@ class HookedGraphModule(fx.GraphModule):
         if not return_cache_object:
             return out, store
         return out, ActivationCache(store, self.dims["n_layers"], has_batch_dim=not remove_batch_dim,
-                                    aliases=self.aliases)
+                                    aliases=self.aliases, model=self)
 
     def _cache_names(self, names_filter) -> list[str]:
         if names_filter is None:
