@@ -37,7 +37,10 @@ class TokensMixin:
         """TransformerLens's config fields (``n_layers``, ``d_head``, ``act_fn``, ``device``...), built once."""
         cfg = self.__dict__.get("_fxb_cfg")
         if cfg is None:
-            cfg = config_for(self)
+            try:
+                cfg = config_for(self)
+            except AttributeError as exc:  # inside a property nn.Module would report "no attribute 'cfg'"
+                raise RuntimeError(f"building gm.cfg failed: {exc}") from exc
             self.__dict__["_fxb_cfg"] = cfg
         return cfg
 
