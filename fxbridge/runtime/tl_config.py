@@ -32,6 +32,25 @@ _ACT_CONFIG_NAMES = ("hidden_activation", "hidden_act", "activation_function", "
 _ACT_CLASS_NAMES = {"BloomGelu": "gelu_fast", "SiLU": "silu", "ReLU": "relu", "Tanh": "tanh"}
 
 
+class _TraceFlag:
+    """A TL switch that adds hook points (``cfg.use_attn_result = True``). The traced graph's hooks are fixed when
+    it is traced, so a new value that differs raises, naming how to get it, instead of silently changing nothing."""
+
+    def __init__(self, name: str, how: str | None):
+        self.name, self.how = name, how
+
+    def __get__(self, cfg, owner=None):
+        return self if cfg is None else bool(cfg._traced_flags.get(self.name, False))
+
+    def __set__(self, cfg, value) -> None:
+        if bool(value) == self.__get__(cfg):
+            return
+        from ..errors import UsageError
+        fix = (f"trace the model again: gm = {self.how}" if self.how else
+               "fxbridge has no such hook points (the hooks it has are in gm.hook_dict)")
+        raise UsageError(f"cfg.{self.name} is fixed when the module is traced (it is {self.__get__(cfg)}); {fix}")
+
+
 @dataclass
 class HookedConfig:
     """TransformerLens's model config fields for a traced module (attribute access and ``to_dict()``)."""
@@ -75,11 +94,6 @@ class HookedConfig:
     tokenizer_name: str | None = None
     default_prepend_bos: bool = True
     tokenizer_prepends_bos: bool | None = None
-    use_attn_result: bool = False
-    use_split_qkv_input: bool = False
-    use_hook_mlp_in: bool = False
-    use_attn_in: bool = False
-    use_hook_tokens: bool = False
     attn_only: bool = False
     attention_dir: str = "causal"
     n_devices: int = 1
@@ -89,6 +103,14 @@ class HookedConfig:
     ungroup_grouped_query_attention: bool = False
     n_params: int | None = None
     _module: Any = field(default=None, repr=False, compare=False)  # weakref to the traced module (device/dtype)
+    _traced_flags: dict = field(default_factory=dict, repr=False, compare=False)  # trace options (use_attn_result)
+
+    # TL's switches for optional hook points: fixed at trace time here (the graph has the hooks or not)
+    use_attn_result = _TraceFlag("use_attn_result", "fxbridge.trace(gm.hf, use_attn_result=True)")
+    use_split_qkv_input = _TraceFlag("use_split_qkv_input", None)
+    use_hook_mlp_in = _TraceFlag("use_hook_mlp_in", None)
+    use_attn_in = _TraceFlag("use_attn_in", None)
+    use_hook_tokens = _TraceFlag("use_hook_tokens", None)
 
     @property
     def device(self) -> str | None:
@@ -129,6 +151,8 @@ class HookedConfig:
         """Every field, as TL's ``cfg.to_dict()`` (device and dtype included)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
         out.update(device=self.device, dtype=self.dtype, default_padding_side=self.default_padding_side)
+        out.update({name: getattr(self, name) for name, value in vars(type(self)).items()
+                    if isinstance(value, _TraceFlag)})
         return out
 
     def __repr__(self) -> str:
@@ -171,7 +195,8 @@ def build_config(spec, dims: dict, model, *, use_attn_result: bool = False) -> H
         tie_word_embeddings=bool(_attr(config, "tie_word_embeddings")),
         initializer_range=float(_attr(config, "initializer_range") or -1.0),
         tokenizer_name=getattr(config, "_name_or_path", None) or None,
-        default_prepend_bos=config.model_type not in NO_DEFAULT_BOS, use_attn_result=use_attn_result)
+        default_prepend_bos=config.model_type not in NO_DEFAULT_BOS,
+        _traced_flags={"use_attn_result": use_attn_result})
     cfg.n_params = _n_params(cfg)
     return cfg
 

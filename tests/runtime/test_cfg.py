@@ -150,6 +150,13 @@ def test_gm_cfg_attribute_and_dict_access():
     assert d["n_params"] == 3 * (4 * 64 * 64) + 3 * (2 * 64 * 256)  # TL's count: W_Q/K/V/O and W_in/W_out
     with pytest.raises(bridge.UsageError, match=r"gm\.to"):
         cfg.device = "cuda"
+    # TL's hook switches are fixed by the trace: a value that changes nothing is fine, one that would raises
+    cfg.use_attn_result = False
+    with pytest.raises(bridge.UsageError, match=r"use_attn_result=True"):
+        cfg.use_attn_result = True
+    with pytest.raises(bridge.UsageError, match="no such hook points"):
+        cfg.use_hook_mlp_in = True
+    assert d["use_split_qkv_input"] is False and cfg.use_attn_result is False
 
 
 @pytest.mark.xdist_group("gpt2")
@@ -167,3 +174,13 @@ def test_cfg_device_follows_cuda():
     cfg = gm.cfg
     gm.to("cuda")
     assert cfg.device == "cuda:0" and torch.device(cfg.device) == gm.hf.lm_head.weight.device
+
+
+def test_use_attn_result_is_the_trace_option():
+    model = _meta_model("llama")
+    spec = get_spec(model)
+    cfg = build_config(spec, dims_from_config(model.config, spec), model, use_attn_result=True)
+    assert cfg.use_attn_result is True and cfg.to_dict()["use_attn_result"] is True
+    cfg.use_attn_result = True  # unchanged: fine
+    with pytest.raises(bridge.UsageError, match="fixed when the module is traced"):
+        cfg.use_attn_result = False
