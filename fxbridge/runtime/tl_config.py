@@ -155,6 +155,10 @@ class HookedConfig:
                     if isinstance(value, _TraceFlag)})
         return out
 
+    def __getstate__(self) -> dict:
+        """Pickle without the module reference (an unpickled cfg reads device / dtype as None)."""
+        return {**self.__dict__, "_module": None}
+
     def __repr__(self) -> str:
         return "HookedConfig(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
 

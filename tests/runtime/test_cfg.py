@@ -7,6 +7,7 @@ conventions: n_key_value_heads None without GQA, softcaps -1.0 when off, d_mlp t
 width where every layer is MoE, as TL's Mixtral).
 """
 import copy
+import pickle
 
 import pytest
 import torch
@@ -157,6 +158,8 @@ def test_gm_cfg_attribute_and_dict_access():
     with pytest.raises(bridge.UsageError, match="no such hook points"):
         cfg.use_hook_mlp_in = True
     assert d["use_split_qkv_input"] is False and cfg.use_attn_result is False
+    again = pickle.loads(pickle.dumps(cfg))  # e.g. logged with an experiment
+    assert again.n_layers == 3 and again.act_fn == "gelu_new" and again.device is None
 
 
 @pytest.mark.xdist_group("gpt2")
