@@ -28,12 +28,13 @@ def saved(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.xdist_group(a)) for a in TOKENIZERS])
 def test_from_pretrained_matches_hf(saved, arch):
-    gm = bridge.from_pretrained(saved[arch])
+    gm = bridge.from_pretrained(saved[arch], default_padding_side="left")
     ref = tf.AutoModelForCausalLM.from_pretrained(saved[arch]).eval()
     assert isinstance(gm, bridge.HookedGraphModule) and gm.tokenizer is not None
     assert gm.cfg.tokenizer_prepends_bos is True and gm.cfg.dtype == torch.float32 and gm.cfg.device == "cpu"
+    assert gm.tokenizer.padding_side == "left" == gm.cfg.default_padding_side
     assert gm.cfg.model_name == saved[arch].name and gm.cfg.tokenizer_name == str(saved[arch])
-    tokens = gm.to_tokens(["When Mary and John went to the store", "the cat sat on the mat"])
+    tokens = gm.to_tokens(["When Mary and John went to the store", "the cat sat on the mat"], padding_side="right")
     assert tokens[:, 0].tolist() == [BOS[arch]] * 2 and tokens[0, 1].item() == ID["When"]
     with torch.no_grad():
         assert torch.allclose(gm(tokens), ref(tokens).logits, atol=1e-5)
@@ -46,8 +47,7 @@ def test_tokenizer_choices(saved):
     assert bf16.tokenizer is None and bf16.cfg.dtype == torch.bfloat16
     assert bf16.hf.lm_head.weight.dtype == torch.bfloat16
     mine = llama_like()
-    assert bridge.from_pretrained(where, tokenizer=mine, default_padding_side="left").tokenizer is mine
-    assert mine.padding_side == "left"
+    assert _tokenizer(str(where), mine, False) is mine  # tokenizer=<object>: used as it is
     from_path = _tokenizer(str(where), saved["llama"], False)  # tokenizer=<path>: loaded from there
     assert from_path("hello").input_ids == [ID["<s>"], ID["hello"]]
     with pytest.raises(bridge.UsageError, match="tokenizer= takes"):
