@@ -349,6 +349,20 @@ class WeightsMixin:
         """[L, D, F] for a gated MLP; None otherwise (as TransformerLens)."""
         return None if self.spec.mlp_gate is None else self._stack_layers("W_gate")
 
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
+        """[D]: the attention (and MLP) output biases of layers before ``layer``, plus ``layer``'s b_O for
+        ``mlp_input``, as TransformerLens (zeros for a bias-free model)."""
+        total = self.W_U.new_zeros(self.dims["d_model"])
+        for i in range(layer):
+            total = total + self.blocks[i].attn.b_O
+            if include_mlp_biases:
+                total = total + self.blocks[i].mlp.b_out
+        if mlp_input:
+            if layer >= self.dims["n_layers"]:
+                raise ValueError(f"mlp_input needs a layer below n_layers={self.dims['n_layers']}, got {layer}")
+            total = total + self.blocks[layer].attn.b_O
+        return total
+
     def _hf_module(self, path: str | None, what: str, fix: str) -> torch.nn.Module:
         if path is None:
             raise UsageError(f"{self.spec.family} has no {what}: {fix}")
