@@ -210,9 +210,16 @@ class NormView(_View):
     @property
     def b(self) -> torch.Tensor:
         bias = getattr(self._w.norm(self._which), "bias", None)
-        if bias is None:
-            raise AttributeError(f"{self._label} is an RMSNorm: it has a weight w and no bias b")
+        if bias is None:  # AttributeError, so hasattr(ln, "b") is False as in TransformerLens's RMSNorm
+            raise AttributeError(f"{self._label} is an RMSNorm (or a LayerNorm without bias): it has a weight w and "
+                                 "no bias b")
         return bias
+
+    def __getattr__(self, name: str):
+        if name == "b":  # reached when the property above raised: say why
+            raise AttributeError(f"{self._label} is an RMSNorm (or a LayerNorm without bias): it has a weight w and "
+                                 "no bias b")
+        return super().__getattr__(name)
 
 
 class BlockView(_View):
