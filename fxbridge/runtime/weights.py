@@ -315,7 +315,7 @@ class _Namespace:
 def _per_layer(name: str, doc: str) -> property:
     def get(self) -> torch.Tensor:
         return self._stack_layers(name)
-    return property(get, doc=f"{doc}, stacked over layers (a copy; gm.blocks[i].… is the per-layer view)")
+    return property(get, doc=f"{doc}, stacked over layers (a copy; gm.blocks[i].attn/.mlp hold the per-layer views)")
 
 
 class WeightsMixin:
@@ -332,7 +332,8 @@ class WeightsMixin:
         except RuntimeError:
             shapes = sorted({tuple(t.shape) for t in tensors})
             raise UsageError(f"{self.spec.family}: {name} differs in shape between layers ({shapes}), so it does not "
-                             f"stack to one [n_layers, ...] tensor; read it per layer: gm.blocks[i].…{name}") from None
+                             f"stack to one [n_layers, ...] tensor; read it per layer: gm.blocks[i].<attn|mlp>.{name}"
+                             ) from None
 
     W_Q = _per_layer("W_Q", "[L, H, D, dh]")
     W_K = _per_layer("W_K", "[L, H, D, dh] (GQA: KV heads repeated to H, as TransformerLens)")

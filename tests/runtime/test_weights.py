@@ -155,7 +155,8 @@ def _phi3(model, l):
     w = a.qkv_proj.weight  # [q | k | v] rows
     f = mlp.down_proj.in_features
     gate_up = mlp.gate_up_proj.weight  # HF: gate, up = chunk(2, -1)
-    return dict(W_Q=heads(w[:h * dh], h), _W_K=heads(w[h * dh:(h + hkv) * dh], hkv), _W_V=heads(w[(h + hkv) * dh:], hkv),
+    q, k = w[:h * dh], w[h * dh:(h + hkv) * dh]
+    return dict(W_Q=heads(q, h), _W_K=heads(k, hkv), _W_V=heads(w[(h + hkv) * dh:], hkv),
                 b_Q=torch.zeros(h, dh), _b_K=torch.zeros(hkv, dh), _b_V=torch.zeros(hkv, dh),
                 W_O=out_heads(a.o_proj.weight.T, h), b_O=torch.zeros(d), W_gate=gate_up[:f].T, W_in=gate_up[f:].T,
                 b_in=torch.zeros(f), W_out=mlp.down_proj.weight.T, b_out=torch.zeros(d))
@@ -215,7 +216,8 @@ def test_every_weight_property_equals_the_hf_weights(arch):
 @pytest.mark.parametrize("arch", _params(("gpt2", "llama")))
 def test_per_layer_weights_are_views_and_stacks_are_copies(arch):
     model, _, gm = traced(arch)
-    q_source = model.transformer.h[1].attn.c_attn.weight if arch == "gpt2" else model.model.layers[1].self_attn.q_proj.weight
+    q_source = (model.transformer.h[1].attn.c_attn.weight if arch == "gpt2"
+                else model.model.layers[1].self_attn.q_proj.weight)
     view = gm.blocks[1].attn.W_Q
     assert view.untyped_storage().data_ptr() == q_source.untyped_storage().data_ptr()
     before = q_source.detach().clone()
@@ -224,7 +226,8 @@ def test_per_layer_weights_are_views_and_stacks_are_copies(arch):
             view[2, 5, 3] += 1.0  # head 2, model dim 5, head dim 3
         changed = (q_source != before).nonzero().tolist()
         d, dh = model.config.hidden_size, 16
-        assert changed == ([[5, 2 * dh + 3]] if arch == "gpt2" else [[2 * dh + 3, 5]])  # Conv1D [in, out]; Linear [out, in]
+        # Conv1D stores [in, out], Linear [out, in]
+        assert changed == ([[5, 2 * dh + 3]] if arch == "gpt2" else [[2 * dh + 3, 5]])
         stacked = gm.W_Q
         with torch.no_grad():
             stacked[1, 2, 5, 3] += 1.0
