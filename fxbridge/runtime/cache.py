@@ -234,7 +234,9 @@ class ResidAnalysis:
         if norm is None:  # no norm in front of that input: it reads the raw residual (TL: normalization_type None)
             return residual_stack
         if recompute_ln and layer == self.n_layers:
-            return self._model().hf.get_submodule(norm)(residual_stack)
+            module = self._model().hf.get_submodule(norm)
+            device = next(module.parameters(), residual_stack).device  # a cache moved off the model's device
+            return module(residual_stack.to(device)).to(residual_stack.device)
         if spec.norm == "layernorm":
             residual_stack = residual_stack - residual_stack.mean(dim=-1, keepdim=True)
         scale = _slice(self._need(key, "apply_ln_to_stack"), pos_slice, -2)
@@ -257,6 +259,13 @@ class ResidAnalysis:
         scaled = self.apply_ln_to_stack(residual_stack, layer=-1, pos_slice=pos_slice, batch_slice=batch_slice,
                                         has_batch_dim=has_batch_dim)
         return (scaled * directions.detach().to(scaled.device, scaled.dtype)).sum(dim=-1)
+
+    def apply_slice_to_batch_dim(self, batch_slice) -> "ActivationCache":
+        """A cache of the batch rows ``batch_slice`` selects (an int drops the batch dim), as TransformerLens."""
+        if not self.has_batch_dim:
+            raise UsageError("this cache has no batch dim (remove_batch_dim was applied); there is nothing to slice")
+        sliced = {k: _slice(v, batch_slice, 0) for k, v in self.cache_dict.items()}
+        return type(self)(sliced, self.n_layers, not isinstance(batch_slice, int), self.aliases, self.model)
 
     def stack_activation(self, activation_name: str, layer: int = -1, sublayer_type: str | None = None):
         """One activation of every layer before ``layer`` stacked on a new leading dim (``"resid_post"``)."""

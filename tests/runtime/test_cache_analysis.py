@@ -196,3 +196,17 @@ def test_shorthand_keys_and_missing_scale_errors():
         partial.apply_ln_to_stack(partial["resid_pre", 1][None], layer=1, mlp_input=True)
     with pytest.raises(KeyError, match="blocks.0.attn.hook_z"):
         partial.stack_head_results()
+
+
+def test_cached_head_results_are_used_and_batch_slices_keep_the_model():
+    """A use_attn_result trace caches hook_result: stack_head_results takes those, not z @ W_O (no z needed)."""
+    from fxbridge.runtime.cache import ActivationCache
+    gm, cache, _ = run("llama")
+    n, h, d = gm.dims["n_layers"], gm.dims["n_heads"], gm.dims["d_model"]
+    results = {f"blocks.{l}.attn.hook_result": torch.full((2, 6, h, d), float(l)) for l in range(n)}
+    fake = ActivationCache(dict(results), n, model=gm)
+    stack = fake.stack_head_results()
+    assert torch.equal(stack[h * 2], torch.full((2, 6, d), 2.0))
+    row = cache.apply_slice_to_batch_dim(1)
+    assert row.model is gm and not row.has_batch_dim and torch.equal(row["embed"], cache["embed"][1])
+    torch.testing.assert_close(row.decompose_resid().sum(0), cache.decompose_resid().sum(0)[1])
