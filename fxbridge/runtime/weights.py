@@ -92,9 +92,9 @@ class LayerWeights:
 
     W_Q = property(lambda self: self._qkv("q")[0], doc="[H, D, dh]")
     b_Q = property(lambda self: self._qkv("q")[1], doc="[H, dh]")
-    _W_K = property(lambda self: self._qkv("k")[0], doc="[Hkv, D, dh], a view")
+    _W_K = property(lambda self: self._qkv("k")[0], doc="[Hkv, D, dh], a view where the layout allows")
     _b_K = property(lambda self: self._qkv("k")[1])
-    _W_V = property(lambda self: self._qkv("v")[0], doc="[Hkv, D, dh], a view")
+    _W_V = property(lambda self: self._qkv("v")[0], doc="[Hkv, D, dh], a view where the layout allows")
     _b_V = property(lambda self: self._qkv("v")[1])
     W_K = property(lambda self: self._repeat(self._W_K), doc="[H, D, dh]: repeated to H heads for GQA (a copy)")
     b_K = property(lambda self: self._repeat(self._b_K))
@@ -109,8 +109,9 @@ class LayerWeights:
 
     @property
     def b_O(self) -> torch.Tensor:
-        w = _in_out(self._attn(self.spec.o_proj, "attention output projection"))
-        return _bias(self._attn(self.spec.o_proj, "attention output projection"), w.shape[1], w)
+        module = self._attn(self.spec.o_proj, "attention output projection")
+        w = _in_out(module)
+        return _bias(module, w.shape[1], w)
 
     # --------------------------------------------------------------------------------------------------- MLP
     def _mlp(self, rel: str | None, what: str) -> torch.nn.Module:
