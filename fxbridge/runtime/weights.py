@@ -299,15 +299,22 @@ def attach_layer_stack(root: torch.nn.Module, gm) -> None:
 
 
 class _Namespace:
-    """``gm.embed.W_E``, ``gm.pos_embed.W_pos``, ``gm.unembed.W_U`` / ``b_U``: TransformerLens's component paths."""
+    """``gm.embed.W_E``, ``gm.pos_embed.W_pos``, ``gm.unembed.W_U`` / ``b_U``: TransformerLens's component paths;
+    calling one runs the HF module (``gm.unembed(x)`` is lm_head's output, as ``hook_unembed``; ``gm.embed(tokens)``
+    the embedding module's, as ``hook_embed``)."""
 
-    def __init__(self, gm, names: tuple[str, ...]):
-        self._gm, self._names = gm, names
+    def __init__(self, gm, names: tuple[str, ...], path: str | None):
+        self._gm, self._names, self._path = gm, names, path
 
     def __getattr__(self, name: str):
-        if name in ("_gm", "_names") or name not in self._names:
+        if name in ("_gm", "_names", "_path") or name not in self._names:
             raise AttributeError(name)
         return getattr(self._gm, name)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._path is None:
+            raise UsageError(f"{self._gm.spec.family} has no {self._names[0]} module")
+        return self._gm.hf.get_submodule(self._path)(x)
 
     def __dir__(self):
         return list(self._names)
@@ -405,9 +412,10 @@ class WeightsMixin:
         w = self.W_U
         return _bias(self._hf_module(self.spec.unembed, "unembedding", ""), w.shape[1], w)
 
-    embed = property(lambda self: _Namespace(self, ("W_E",)), doc="``gm.embed.W_E``")
-    pos_embed = property(lambda self: _Namespace(self, ("W_pos",)), doc="``gm.pos_embed.W_pos``")
-    unembed = property(lambda self: _Namespace(self, ("W_U", "b_U")), doc="``gm.unembed.W_U`` / ``b_U``")
+    embed = property(lambda self: _Namespace(self, ("W_E",), self.spec.embed), doc="``gm.embed.W_E``")
+    pos_embed = property(lambda self: _Namespace(self, ("W_pos",), None), doc="``gm.pos_embed.W_pos``")
+    unembed = property(lambda self: _Namespace(self, ("W_U", "b_U"), self.spec.unembed),
+                       doc="``gm.unembed.W_U`` / ``b_U``; ``gm.unembed(x)`` runs lm_head")
 
     def tokens_to_residual_directions(self, tokens) -> torch.Tensor:
         """W_U's column for each token: [D] for one token (int, str, 1-element tensor), [..., D] for a tensor."""

@@ -282,6 +282,10 @@ def test_blocks_are_per_layer_views_that_leave_the_module_untouched():
     assert gm.blocks[1].ln2.b is model.transformer.h[1].ln_2.bias
     assert [b.hook_resid_post.name for b in gm.blocks] == [f"blocks.{i}.hook_resid_post" for i in range(n)]
     assert gm.embed.W_E is model.transformer.wte.weight and torch.equal(gm.unembed.W_U, gm.W_U)
+    x = torch.randn(2, 3, model.config.hidden_size)
+    torch.testing.assert_close(gm.unembed(x), x @ model.lm_head.weight.T)
+    ids = tokens(2, 3)
+    assert torch.equal(gm.embed(ids), model.transformer.wte.weight[ids])
     with pytest.raises(IndexError):
         gm.blocks[n]
     with pytest.raises(AttributeError, match="hook_nonsense"):
