@@ -47,8 +47,8 @@ class ResidAnalysis:
         if key in self:
             return self[key]
         name = self._key(key)
-        model = self._model()
-        if name not in model.hook_dict:
+        model = self.model
+        if model is not None and name not in model.hook_dict:
             why = (" (parallel blocks: attention and MLP both read resid_pre, there is no resid_mid)"
                    if "resid_mid" in name and model.spec.parallel else "")
             raise KeyError(f"{purpose} needs {name!r}, which {model.spec.family} models do not have{why}")
