@@ -48,6 +48,10 @@ class LayerWeights:
             raise UsageError(f"{self.spec.family} layer {self.i} has no {what} (looked for {path!r} in the HF "
                              f"model{'; ' + self.spec.notes if self.spec.notes else ''}); read that layer's "
                              "modules from gm.hf directly")
+        if not isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise UsageError(f"{self.spec.family} layer {self.i}'s {what} {path!r} is a {type(module).__name__} with "
+                             "no weight tensor (a mixture of experts, or a norm without parameters): it has no "
+                             f"single weight in TransformerLens's sense; read it from gm.hf.{path}")
         return module
 
     def _attn(self, rel: str | None, what: str) -> torch.nn.Module:
@@ -242,6 +246,8 @@ class BlockView(_View):
 
     def __getattr__(self, name: str):
         if name in _NORMS:
+            if getattr(self._w.spec, name) is None:
+                raise AttributeError(f"{self._w.spec.family} layers have no {name} norm")
             return NormView(self._w, self._child(name), f"{self._label}.{name}", name)
         return super().__getattr__(name)
 
