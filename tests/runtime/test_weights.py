@@ -338,7 +338,8 @@ def test_heterogeneous_layers_point_to_blocks(arch):
 
 @pytest.mark.parametrize("arch,prop,match", [
     pytest.param("mixtral", "W_in", "mixture-of-experts", marks=pytest.mark.slow),
-    pytest.param("deepseek_v3", "W_Q", "DeepSeek V3 has no separate q projection", marks=pytest.mark.slow)])
+    pytest.param("deepseek_v3", "W_Q", "DeepSeek V3 has no separate q projection", marks=pytest.mark.slow),
+    pytest.param("jetmoe", "W_O", "JetMoeMoA with no weight tensor", marks=pytest.mark.slow)])
 def test_weights_a_family_lacks_raise_naming_it(arch, prop, match):
     _, _, gm = traced(arch)
     with pytest.raises(UsageError, match=match):
