@@ -83,7 +83,7 @@ def _rewrite_rms(ctx, prefix, nodes) -> bool:
 def _rewrite_layer_norm(ctx, prefix, nodes) -> bool:
     for ln in (n for n in nodes if n.target in _LAYER_NORMS):
         x, shape, weight, bias, eps = (list(ln.args) + [None, None, ln.kwargs.get("eps", 1e-5)])[:5]
-        install(ctx.root, prefix, LayerNormCore(shape, eps))
+        install(ctx.root, prefix, LayerNormCore(shape, eps, affine=weight is not None or bias is not None))
         _replace(ctx, ln, prefix, (x, weight, bias), ln.meta)
         return True
     return False
@@ -141,6 +141,7 @@ def hook_norms(ctx: PassContext, *, sub_norms: tuple[tuple[str, str], ...] = ())
         if not rewrite(ctx, prefix, nodes):
             raise NoMatch(path, _FORMS[ctx.spec.norm], f"none among its {len(nodes)} nodes")
         core = ctx.root.get_submodule(prefix)
+        core.hf_path = path  # what a user's call of the core alone runs (TL's model.ln_final(x)), see cores.py
         for point in core.children():
             point.made_by, point.hf_module = ctx.current_pass, path
         found += 1

@@ -8,6 +8,8 @@ their edits take effect (DESIGN.md principle 4: pay only for what is hooked).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,7 +80,41 @@ class AttentionCore(FastCallModule):
         return f"layer={self.layer}, scaling={self.scaling:.4g}, softcap={self.softcap}" + (", sinks" if self.sinks else "")
 
 
-class RMSNormCore(FastCallModule):
+class _NormCore(FastCallModule):
+    """A norm core the graph calls with the normalisation's operands; a user calling it with the residual alone
+    (TransformerLens's ``model.ln_final(x)``, ``model.blocks[i].ln1(x)``) gets the whole HF norm module's output
+    (weight, bias, Gemma's 1 + w included), computed by that module. The hook points fire only inside the graph."""
+
+    hf_path = ""  # the HF norm module (set by hook_norms), bound to the module itself by bind_hf
+
+    def bind_hf(self, module: torch.nn.Module) -> None:
+        self.__dict__["_fxb_hf"] = weakref.ref(module)  # not a child: its weights stay the HF model's alone
+
+    def _hf_module(self) -> torch.nn.Module:
+        ref = self.__dict__.get("_fxb_hf")
+        module = ref() if ref is not None else None
+        if module is None:
+            raise TypeError(f"this norm core is not bound to its HF module ({self.hf_path or 'unknown'}): call it "
+                            "through a traced module (gm.ln_final(x))")
+        return module
+
+    def _hf_norm(self, x):
+        return self._hf_module()(x)
+
+    @property
+    def w(self) -> torch.Tensor:
+        """The HF norm's weight, as stored (TransformerLens's ``ln.w``; Gemma's is the w of 1 + w)."""
+        return self._hf_module().weight
+
+    @property
+    def b(self) -> torch.Tensor:
+        bias = getattr(self._hf_module(), "bias", None)
+        if bias is None:
+            raise AttributeError(f"{self.hf_path} has a weight w and no bias b")
+        return bias
+
+
+class RMSNormCore(_NormCore):
     """x * rsqrt(var_eps) as HF writes it; hooked: scale = sqrt(var_eps) [B,S,1], normalized = x / scale."""
 
     def __init__(self):
@@ -91,19 +127,22 @@ class RMSNormCore(FastCallModule):
         out = x.new_empty(shape, dtype=torch.promote_types(x.dtype, var_eps.dtype))
         return out, {"hook_scale": var_eps.new_empty(var_eps.shape), "hook_normalized": out}
 
-    def forward(self, x, var_eps):
+    def forward(self, x, var_eps=None):
+        if var_eps is None:  # a user's call with the residual alone
+            return self._hf_norm(x)
         if not (self.hook_scale.has_hooks or self.hook_normalized.has_hooks):
             return x * torch.rsqrt(var_eps)
         scale = self.hook_scale(torch.sqrt(var_eps))
         return self.hook_normalized(x / scale)
 
 
-class LayerNormCore(FastCallModule):
+class LayerNormCore(_NormCore):
     """F.layer_norm as HF calls it; hooked: centred x / scale with scale = sqrt(var + eps), then weight and bias."""
 
-    def __init__(self, normalized_shape, eps: float):
+    def __init__(self, normalized_shape, eps: float, affine: bool = True):
         super().__init__()
         self.normalized_shape, self.eps = tuple(normalized_shape), float(eps)
+        self.affine = affine  # the graph passes a weight / bias: a call with x alone is then a user's
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
@@ -113,6 +152,8 @@ class LayerNormCore(FastCallModule):
         return x.new_empty(x.shape), {"hook_scale": scale, "hook_normalized": x.new_empty(x.shape, dtype=compute)}
 
     def forward(self, x, weight=None, bias=None):
+        if weight is None and bias is None and self.affine:  # a user's call with the residual alone
+            return self._hf_norm(x)
         if not (self.hook_scale.has_hooks or self.hook_normalized.has_hooks):
             return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp16/bf16 up to float32 as F.layer_norm; float64 kept

@@ -72,6 +72,7 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
         # what HF uses for positions when given none ("arange" / "mask", see tracer.capture.probe_default_positions)
         self._fxb_positions = default_positions or "arange"
         self._index_hooks()
+        self._bind_norms()
 
     # ----------------------------------------------------------------------------------------------- forward
     def recompile(self):
@@ -276,6 +277,13 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
             module.name = name
             module.shape = shape_of(name) or module.shape  # from names.py (cores' inner points too)
         self.aliases = aliases_for(ordered)  # TransformerBridge spellings, from the hook table
+
+    def _bind_norms(self) -> None:
+        """Point each norm core at its HF module, so ``gm.ln_final(x)`` computes HF's final norm (cores.py)."""
+        from .cores import _NormCore
+        for module in self.modules():
+            if isinstance(module, _NormCore) and module.hf_path:
+                module.bind_hf(self.hf.get_submodule(module.hf_path))
 
     def hook_table(self):
         """One row per hook point: name, symbolic shape, dtype, HF module, pass; ``print()`` it for a table."""

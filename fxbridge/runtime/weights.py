@@ -220,6 +220,10 @@ class NormView(_View):
                                  "no bias b")
         return bias
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole HF norm of ``x`` (weight and bias included), as TransformerLens's ``blocks[i].ln1(x)``."""
+        return self._w.norm(self._which)(x)
+
     def __getattr__(self, name: str):
         if name == "b":  # reached when the property above raised: say why
             raise AttributeError(f"{self._label} is an RMSNorm (or a LayerNorm without bias): it has a weight w and "

@@ -229,3 +229,18 @@ def test_string_input_and_the_tokenizer_survive_copies():
         assert (other.to_tokens(texts) == gm.to_tokens(texts)).all()
     with pytest.raises(bridge.UsageError, match="tokenizer="):
         traced("llama")[2]("hello")
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "gemma"])
+def test_calling_a_norm_computes_the_hf_norm(arch):
+    """TL notebooks call ``model.ln_final(resid)`` and ``model.blocks[i].ln1(resid)``: HF's whole norm (weights,
+    Gemma's 1 + w), not the graph's normalisation alone."""
+    model, ref, gm = traced(arch)
+    x = torch.randn(2, 3, gm.dims["d_model"])
+    hf_final = ref.model.norm if hasattr(ref, "model") else ref.transformer.ln_f
+    hf_ln1 = _decoder_layers(ref)[0]
+    hf_ln1 = getattr(hf_ln1, "input_layernorm", None) or hf_ln1.ln_1
+    with torch.no_grad():
+        assert (gm.ln_final(x) - hf_final(x)).abs().max() < 1e-6
+        assert (gm.blocks[0].ln1(x) - hf_ln1(x)).abs().max() < 1e-6
+    assert torch.equal(gm.ln_final.w, hf_final.weight)
