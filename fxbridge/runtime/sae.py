@@ -1,9 +1,250 @@
-"""Sparse-autoencoder splicing in HookedSAETransformer's API, duck-typed on SAELens's ``SAE`` objects.
+"""Sparse-autoencoder splicing in HookedSAETransformer's API (SAELens), duck-typed on SAELens's ``SAE`` objects.
 
-(Scaffold: filled in by the SAE work of issue 12.)
+An attached SAE replaces the activation at its hook point ``H`` with the SAE's output, through hooks, not by
+swapping a module (the traced graph calls the modules it captured; a module swapped in later is never called):
+- a torch forward hook on the fxbridge hook point ``H`` runs after the fxbridge hooks at ``H`` (so those see the
+  model's activation, the SAE's input) and returns ``sae.decode(sae.encode(x))`` (+ the error term);
+- fxbridge hook points ``H.hook_sae_input``, ``H.hook_sae_acts_pre``, ``H.hook_sae_acts_post``, ``H.hook_sae_recons``
+  (fed by torch forward hooks on the SAE's own hook-point submodules, so an edit there takes effect) and
+  ``H.hook_sae_error``, ``H.hook_sae_output`` (called by the splice, as SAELens's wrapper does) are listed in
+  ``gm.hook_dict`` after ``H`` while the SAE is attached: ``run_with_cache``, ``names_filter``, ``add_hook`` and
+  ``run_with_hooks`` reach them by name.
+What fxbridge needs of an SAE: ``cfg.metadata.hook_name`` (SAELens 6) or ``cfg.hook_name`` (older),
+``cfg.metadata.hook_name_out`` for a transcoder, ``use_error_term``, ``encode`` and ``decode``, and optionally the
+six ``hook_sae_*`` submodules.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import HookShapeError, UsageError
+from .hook_point import HookPoint
+
+# The SAE's own hook points that its encode / decode call; fxbridge forwards their values through its points.
+SAE_INNER_POINTS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons")
+# The splice's own points (SAELens's wrapper makes these itself rather than using the SAE's).
+SAE_OUTER_POINTS = ("hook_sae_error", "hook_sae_output")
+SAE_POINTS = SAE_INNER_POINTS[:3] + SAE_OUTER_POINTS[1:] + SAE_INNER_POINTS[3:] + SAE_OUTER_POINTS[:1]
+
+
+def sae_hook_names(sae) -> tuple[str, str]:
+    """(input hook, output hook) an SAE is trained on: ``cfg.metadata.hook_name`` (SAELens 6), else ``cfg.hook_name``;
+    the output hook is ``hook_name_out`` for a transcoder, else the input hook."""
+    cfg = getattr(sae, "cfg", None)
+    meta = getattr(cfg, "metadata", None)
+    name = getattr(meta, "hook_name", None) or getattr(cfg, "hook_name", None)
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"{type(sae).__name__} has no hook name: add_sae reads sae.cfg.metadata.hook_name (SAELens 6) "
+                         f"or sae.cfg.hook_name, and found {name!r}. Set it to the hook point the SAE was trained on, "
+                         "e.g. 'blocks.0.hook_resid_pre'.")
+    out = getattr(meta, "hook_name_out", None) or getattr(cfg, "hook_name_out", None)
+    return name, out if isinstance(out, str) and out else name
+
+
+@contextlib.contextmanager
+def _hooks_disabled(sae):
+    """The SAE's hook-point submodules swapped for identities (as SAELens's ``_disable_hooks``): the error term
+    is computed from the SAE's clean reconstruction, unaffected by edits made through its hooks."""
+    names = [n for n in getattr(sae, "hook_dict", None) or SAE_POINTS if isinstance(getattr(sae, n, None), nn.Module)]
+    saved = {n: getattr(sae, n) for n in names}
+    try:
+        for n in names:
+            setattr(sae, n, nn.Identity())
+        yield
+    finally:
+        for n, module in saved.items():
+            setattr(sae, n, module)
+
+
+class _Splice:
+    """One attached SAE: its fxbridge hook points and the torch hooks that run it at its output hook point."""
+
+    def __init__(self, sae, in_name: str, out_name: str, use_error_term: bool, shape: tuple[str, ...]):
+        self.sae, self.in_name, self.out_name, self.use_error_term = sae, in_name, out_name, bool(use_error_term)
+        self.points = {f"{out_name}.{p}": HookPoint(name=f"{out_name}.{p}", shape=_point_shape(p, out_name, shape),
+                                                     made_by="sae", hf_module="") for p in SAE_POINTS}
+        self.handles: list = []
+        self.active = False  # True while this splice runs the SAE: its inner torch hooks act only then
+        self.captured: torch.Tensor | None = None  # a transcoder's input, taken at its input hook
+
+    def point(self, short: str) -> HookPoint:
+        return self.points[f"{self.out_name}.{short}"]
+
+    def attach(self, gm) -> None:
+        try:
+            for short in SAE_INNER_POINTS:
+                module = getattr(self.sae, short, None)
+                if isinstance(module, nn.Module):
+                    self.handles.append(module.register_forward_hook(self._inner(self.point(short))))
+            if self.in_name != self.out_name:
+                self.handles.append(gm.hook_dict[self.in_name].register_forward_hook(self._capture))
+            self.handles.append(gm.hook_dict[self.out_name].register_forward_hook(self._run))
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _inner(self, point: HookPoint):
+        def forward_through(module, args, output):
+            return point(output) if self.active and isinstance(output, torch.Tensor) else None
+        return forward_through
+
+    def _capture(self, module, args, output):
+        self.captured = output
+
+    def _run(self, module, args, output):
+        """The torch forward hook at the output hook point: the SAE's output replaces the activation."""
+        if not isinstance(output, torch.Tensor):
+            return None
+        sae_in = self.captured if self.captured is not None else output
+        self.captured = None
+        self.active = True
+        try:
+            out = self.sae.decode(self.sae.encode(sae_in))
+            if self.use_error_term:
+                with torch.no_grad(), _hooks_disabled(self.sae):
+                    clean = self.sae.decode(self.sae.encode(sae_in))
+                    error = self.point("hook_sae_error")(output - clean)
+                out = out + error
+            out = self.point("hook_sae_output")(out)
+        finally:
+            self.active = False
+        if not isinstance(out, torch.Tensor) or out.shape != output.shape:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+            raise HookShapeError(self.out_name, f"an SAE output of shape {tuple(output.shape)}",
+                                 f"{got} from {type(self.sae).__name__}")
+        return out.to(output.dtype)
+
+
+def _point_shape(short: str, hook: str, shape: tuple[str, ...]) -> tuple[str, ...]:
+    if not shape:
+        return ()
+    if hook.endswith("hook_z") and short in ("hook_sae_input", "hook_sae_recons"):
+        shape = (*shape[:-2], "H*dh")  # SAELens flattens heads for a hook_z SAE
+    return (*shape[:-1], "d_sae") if short in ("hook_sae_acts_pre", "hook_sae_acts_post") else shape
+
 
 class SAEMixin:
-    """``add_sae`` / ``run_with_saes`` / ... on a traced module, built on its hook points."""
+    """``add_sae`` / ``reset_saes`` / ``run_with_saes`` / ``saes()`` on a traced module, built on its hook points."""
+
+    @property
+    def _fxb_splices(self) -> dict[str, _Splice]:
+        splices = self.__dict__.get("_fxb_sae_splices")
+        if splices is None:
+            splices = self.__dict__["_fxb_sae_splices"] = {}
+        return splices
+
+    @property
+    def acts_to_saes(self) -> dict[str, Any]:
+        """Hook name -> the SAE attached there (as HookedSAETransformer's ``acts_to_saes``)."""
+        return {name: splice.sae for name, splice in self._fxb_splices.items()}
+
+    def add_sae(self, sae, use_error_term: bool | None = None, exclude_special_tokens: bool | list[int] = False):
+        """Attach ``sae`` at its hook point until ``reset_saes``; an SAE already there is replaced.
+        ``use_error_term=None`` keeps the SAE's own ``use_error_term``; True adds the SAE's error (input minus its
+        clean reconstruction), so the model's output is unchanged while the SAE's hooks can be read and edited."""
+        if exclude_special_tokens not in (False, None):
+            raise UsageError(f"add_sae(exclude_special_tokens={exclude_special_tokens!r}) is not supported on a traced "
+                             "module yet; leave it False (the SAE then runs at every position)")
+        in_hook, out_hook = sae_hook_names(sae)
+        in_name, out_name = self.resolve(in_hook), self.resolve(out_hook)  # KeyError with close matches
+        if use_error_term is None:
+            use_error_term = bool(getattr(sae, "use_error_term", False))
+        if in_name in self._fxb_splices:
+            self._detach_sae(in_name)
+        busy = [s.in_name for s in self._fxb_splices.values() if s.out_name == out_name]
+        if busy:
+            raise UsageError(f"the output of hook point {out_name!r} is already replaced by the transcoder attached at "
+                             f"{busy[0]!r}; reset_saes({busy[0]!r}) first")
+        splice = _Splice(sae, in_name, out_name, use_error_term, tuple(self.hook_dict[out_name].shape or ()))
+        splice.attach(self)
+        self._fxb_splices[in_name] = splice
+        self._list_points(splice, add=True)
+        for spelling, canonical in ((out_hook, out_name), (in_hook, in_name)):
+            if spelling != canonical:  # the SAE names a TransformerBridge alias: its point names answer to it too
+                self.aliases.update({f"{spelling}.{p}": f"{out_name}.{p}" for p in SAE_POINTS})
+
+    def reset_saes(self, act_names: str | Iterable[str] | None = None, prev_saes: Iterable | None = None) -> None:
+        """Detach the SAEs at ``act_names`` (all when None). ``prev_saes`` (older SAELens): one SAE or None per
+        name, attached again in its place."""
+        names = [act_names] if isinstance(act_names, str) else list(self._fxb_splices if act_names is None else act_names)
+        prev = [None] * len(names) if prev_saes is None else list(prev_saes)
+        if len(prev) != len(names):
+            raise ValueError(f"reset_saes got {len(names)} act_names and {len(prev)} prev_saes; give one per name")
+        for name, sae in zip(names, prev):
+            key = self.resolve(name) if name not in self._fxb_splices else name
+            if key not in self._fxb_splices:
+                warnings.warn(f"no SAE is attached to {name!r}; nothing to reset", stacklevel=2)
+            else:
+                self._detach_sae(key)
+            if sae is not None:
+                self.add_sae(sae)
+
+    def _detach_sae(self, name: str) -> None:
+        splice = self._fxb_splices.pop(name)
+        splice.detach()
+        self._list_points(splice, add=False)
+        for point in splice.points.values():  # hooks added to the SAE's points go with it
+            point.remove_hooks("both", including_permanent=True)
+
+    def _list_points(self, splice: _Splice, add: bool) -> None:
+        """The splice's points into ``hook_dict`` right after its output hook (firing order), or out of it."""
+        ordered: dict[str, HookPoint] = {}
+        for name, point in self.hook_dict.items():
+            if name not in splice.points:
+                ordered[name] = point
+            if add and name == splice.out_name:
+                ordered.update(splice.points)
+        self.hook_dict = ordered
+        if not add:
+            self.aliases = {a: c for a, c in self.aliases.items() if c not in splice.points}
+
+    @contextlib.contextmanager
+    def saes(self, saes: Any = (), reset_saes_end: bool = True, use_error_term: bool | None = None,
+             exclude_special_tokens: bool | list[int] = False):
+        """Attach ``saes`` (one SAE or a list) for the ``with`` block; at its end they are removed and the SAEs
+        they displaced attached again, also when something raises."""
+        saes = list(saes) if isinstance(saes, (list, tuple)) else [saes]
+        restore: list[tuple[str, _Splice | None]] = []
+        try:
+            for sae in saes:
+                name = self.resolve(sae_hook_names(sae)[0])
+                restore.append((name, self._fxb_splices.get(name)))
+                self.add_sae(sae, use_error_term=use_error_term, exclude_special_tokens=exclude_special_tokens)
+            yield self
+        finally:
+            if reset_saes_end:
+                for name, prev in reversed(restore):
+                    if name in self._fxb_splices:
+                        self._detach_sae(name)
+                    if prev is not None:
+                        self.add_sae(prev.sae, use_error_term=prev.use_error_term)
+
+    def run_with_saes(self, *args, saes: Any = (), reset_saes_end: bool = True, use_error_term: bool | None = None,
+                      **kwargs):
+        """Forward with ``saes`` attached for this call (HookedSAETransformer.run_with_saes)."""
+        with self.saes(saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term):
+            return self(*args, **kwargs)
+
+    def run_with_cache_with_saes(self, *args, saes: Any = (), reset_saes_end: bool = True,
+                                 use_error_term: bool | None = None, **kwargs):
+        """``run_with_cache`` with ``saes`` attached; the cache holds their ``<hook>.hook_sae_*`` points too."""
+        with self.saes(saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term):
+            return self.run_with_cache(*args, **kwargs)
+
+    def run_with_hooks_with_saes(self, *args, saes: Any = (), reset_saes_end: bool = True, fwd_hooks=(), bwd_hooks=(),
+                                 reset_hooks_end: bool = True, clear_contexts: bool = False, **kwargs):
+        """``run_with_hooks`` with ``saes`` attached; ``fwd_hooks`` may name their ``<hook>.hook_sae_*`` points."""
+        with self.saes(saes, reset_saes_end=reset_saes_end):
+            return self.run_with_hooks(*args, fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks,
+                                       reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts, **kwargs)
