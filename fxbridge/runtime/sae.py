@@ -65,8 +65,11 @@ def _hooks_disabled(sae):
 class _Splice:
     """One attached SAE: its fxbridge hook points and the torch hooks that run it at its output hook point."""
 
-    def __init__(self, sae, in_name: str, out_name: str, use_error_term: bool, shape: tuple[str, ...]):
+    def __init__(self, sae, in_name: str, out_name: str, use_error_term: bool, shape: tuple[str, ...],
+                 exclude: list[int] | None = None):
         self.sae, self.in_name, self.out_name, self.use_error_term = sae, in_name, out_name, bool(use_error_term)
+        self.exclude = exclude  # token ids at which the SAE is bypassed (exclude_special_tokens), or None
+        self.mask: torch.Tensor | None = None  # [B,S] True where bypassed, set for each forward
         self.points = {f"{out_name}.{p}": HookPoint(name=f"{out_name}.{p}", shape=_point_shape(p, out_name, shape),
                                                      made_by="sae", hf_module="") for p in SAE_POINTS}
         self.handles: list = []
@@ -111,11 +114,16 @@ class _Splice:
         self.active = True
         try:
             out = self.sae.decode(self.sae.encode(sae_in))
+            mask = self._mask_for(output)
             if self.use_error_term:
                 with torch.no_grad(), _hooks_disabled(self.sae):
-                    clean = self.sae.decode(self.sae.encode(sae_in))
-                    error = self.point("hook_sae_error")(output - clean)
+                    error = output - self.sae.decode(self.sae.encode(sae_in))
+                    if mask is not None:  # bypassed positions keep the activation: no error there
+                        error = torch.where(mask, torch.zeros_like(error), error)
+                    error = self.point("hook_sae_error")(error)
                 out = out + error
+            if mask is not None:
+                out = torch.where(mask, output.to(out.dtype), out)
             out = self.point("hook_sae_output")(out)
         finally:
             self.active = False
@@ -126,12 +134,41 @@ class _Splice:
         return out.to(output.dtype)
 
 
+    def _mask_for(self, output: torch.Tensor) -> torch.Tensor | None:
+        mask = self.mask
+        if mask is None:
+            return None
+        if mask.shape != output.shape[:mask.dim()]:
+            raise UsageError(f"exclude_special_tokens: the SAE at {self.out_name!r} sees an activation of shape "
+                             f"{tuple(output.shape)}, whose leading dims are not the tokens' {tuple(mask.shape)}")
+        return mask.to(output.device).view(*mask.shape, *[1] * (output.dim() - mask.dim()))
+
+
 def _point_shape(short: str, hook: str, shape: tuple[str, ...]) -> tuple[str, ...]:
     if not shape:
         return ()
     if hook.endswith("hook_z") and short in ("hook_sae_input", "hook_sae_recons"):
         shape = (*shape[:-2], "H*dh")  # SAELens flattens heads for a hook_z SAE
     return (*shape[:-1], "d_sae") if short in ("hook_sae_acts_pre", "hook_sae_acts_post") else shape
+
+
+def _set_token_masks(gm, args, kwargs) -> None:
+    splices = [s for s in gm._fxb_splices.values() if s.exclude is not None]
+    value = args[0] if args else next((kwargs[k] for k in ("input", "input_ids", "tokens") if k in kwargs), None)
+    if isinstance(value, torch.Tensor):
+        tokens = value if value.dim() > 1 else value.unsqueeze(0)
+    elif value is None:
+        return
+    else:  # strings: tokenized as the forward will tokenize them
+        tokens = gm.to_tokens(value, prepend_bos=kwargs.get("prepend_bos"), padding_side=kwargs.get("padding_side"),
+                              move_to_device=True, truncate=True)
+    for splice in splices:
+        splice.mask = torch.isin(tokens, torch.tensor(splice.exclude, dtype=tokens.dtype, device=tokens.device))
+
+
+def _clear_token_masks(gm, args, output) -> None:
+    for splice in gm._fxb_splices.values():
+        splice.mask = None
 
 
 class SAEMixin:
@@ -152,10 +189,10 @@ class SAEMixin:
     def add_sae(self, sae, use_error_term: bool | None = None, exclude_special_tokens: bool | list[int] = False):
         """Attach ``sae`` at its hook point until ``reset_saes``; an SAE already there is replaced.
         ``use_error_term=None`` keeps the SAE's own ``use_error_term``; True adds the SAE's error (input minus its
-        clean reconstruction), so the model's output is unchanged while the SAE's hooks can be read and edited."""
-        if exclude_special_tokens not in (False, None):
-            raise UsageError(f"add_sae(exclude_special_tokens={exclude_special_tokens!r}) is not supported on a traced "
-                             "module yet; leave it False (the SAE then runs at every position)")
+        clean reconstruction), so the model's output is unchanged while the SAE's hooks can be read and edited.
+        ``exclude_special_tokens``: True (the tokenizer's special ids) or a list of ids at whose positions the SAE is
+        bypassed (the activation passes unchanged)."""
+        exclude = self._special_token_ids(exclude_special_tokens)
         in_hook, out_hook = sae_hook_names(sae)
         in_name, out_name = self.resolve(in_hook), self.resolve(out_hook)  # KeyError with close matches
         if use_error_term is None:
@@ -166,9 +203,10 @@ class SAEMixin:
         if busy:
             raise UsageError(f"the output of hook point {out_name!r} is already replaced by the transcoder attached at "
                              f"{busy[0]!r}; reset_saes({busy[0]!r}) first")
-        splice = _Splice(sae, in_name, out_name, use_error_term, tuple(self.hook_dict[out_name].shape or ()))
+        splice = _Splice(sae, in_name, out_name, use_error_term, tuple(self.hook_dict[out_name].shape or ()), exclude)
         splice.attach(self)
         self._fxb_splices[in_name] = splice
+        self._update_mask_hooks()
         self._list_points(splice, add=True)
         for spelling, canonical in ((out_hook, out_name), (in_hook, in_name)):
             if spelling != canonical:  # the SAE names a TransformerBridge alias: its point names answer to it too
@@ -193,9 +231,39 @@ class SAEMixin:
     def _detach_sae(self, name: str) -> None:
         splice = self._fxb_splices.pop(name)
         splice.detach()
+        self._update_mask_hooks()
         self._list_points(splice, add=False)
         for point in splice.points.values():  # hooks added to the SAE's points go with it
             point.remove_hooks("both", including_permanent=True)
+
+    def _special_token_ids(self, exclude) -> list[int] | None:
+        """exclude_special_tokens as token ids: a list as given; True: the tokenizer's BOS, EOS, PAD, SEP and
+        decoder-start ids (SAELens's ``get_special_token_ids``); False / None: no bypass."""
+        if exclude is None or exclude is False:
+            return None
+        if exclude is True:
+            tokenizer = getattr(self, "tokenizer", None)
+            if tokenizer is None:
+                raise UsageError("add_sae(exclude_special_tokens=True) reads the special token ids from the "
+                                 "tokenizer, and this module has none: trace(model, tokenizer=tok), "
+                                 "gm.set_tokenizer(tok), or pass the ids: exclude_special_tokens=[0, 2]")
+            ids = {getattr(tokenizer, attr, None) for attr in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                                "sep_token_id", "decoder_start_token_id")}
+            return sorted(i for i in ids if i is not None)
+        return [int(i) for i in exclude]
+
+    def _update_mask_hooks(self) -> None:
+        """While an attached SAE bypasses special tokens, torch hooks on the module's own call compute each
+        forward's token mask (from its input) before the graph runs, and clear it after."""
+        needed = any(s.exclude is not None for s in self._fxb_splices.values())
+        handles = self.__dict__.get("_fxb_sae_mask_handles")
+        if needed and handles is None:
+            self.__dict__["_fxb_sae_mask_handles"] = (
+                self.register_forward_pre_hook(_set_token_masks, with_kwargs=True),
+                self.register_forward_hook(_clear_token_masks, always_call=True))
+        elif not needed and handles is not None:
+            for handle in self.__dict__.pop("_fxb_sae_mask_handles"):
+                handle.remove()
 
     def _list_points(self, splice: _Splice, add: bool) -> None:
         """The splice's points into ``hook_dict`` right after its output hook (firing order), or out of it."""
@@ -228,23 +296,26 @@ class SAEMixin:
                     if name in self._fxb_splices:
                         self._detach_sae(name)
                     if prev is not None:
-                        self.add_sae(prev.sae, use_error_term=prev.use_error_term)
+                        self.add_sae(prev.sae, use_error_term=prev.use_error_term,
+                                     exclude_special_tokens=prev.exclude if prev.exclude is not None else False)
 
     def run_with_saes(self, *args, saes: Any = (), reset_saes_end: bool = True, use_error_term: bool | None = None,
-                      **kwargs):
+                      exclude_special_tokens: bool | list[int] = False, **kwargs):
         """Forward with ``saes`` attached for this call (HookedSAETransformer.run_with_saes)."""
-        with self.saes(saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term):
+        with self.saes(saes, reset_saes_end, use_error_term, exclude_special_tokens):
             return self(*args, **kwargs)
 
     def run_with_cache_with_saes(self, *args, saes: Any = (), reset_saes_end: bool = True,
-                                 use_error_term: bool | None = None, **kwargs):
+                                 use_error_term: bool | None = None, exclude_special_tokens: bool | list[int] = False,
+                                 **kwargs):
         """``run_with_cache`` with ``saes`` attached; the cache holds their ``<hook>.hook_sae_*`` points too."""
-        with self.saes(saes, reset_saes_end=reset_saes_end, use_error_term=use_error_term):
+        with self.saes(saes, reset_saes_end, use_error_term, exclude_special_tokens):
             return self.run_with_cache(*args, **kwargs)
 
-    def run_with_hooks_with_saes(self, *args, saes: Any = (), reset_saes_end: bool = True, fwd_hooks=(), bwd_hooks=(),
+    def run_with_hooks_with_saes(self, *args, saes: Any = (), reset_saes_end: bool = True,
+                                 exclude_special_tokens: bool | list[int] = False, fwd_hooks=(), bwd_hooks=(),
                                  reset_hooks_end: bool = True, clear_contexts: bool = False, **kwargs):
         """``run_with_hooks`` with ``saes`` attached; ``fwd_hooks`` may name their ``<hook>.hook_sae_*`` points."""
-        with self.saes(saes, reset_saes_end=reset_saes_end):
+        with self.saes(saes, reset_saes_end, exclude_special_tokens=exclude_special_tokens):
             return self.run_with_hooks(*args, fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks,
                                        reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts, **kwargs)

@@ -292,3 +292,27 @@ def test_bad_saes(setup):
     with pytest.raises(ValueError, match="SAE output of shape"), torch.no_grad():
         gm.run_with_saes(tokens(1, 4), saes=[wrong])
     assert gm.acts_to_saes == {}
+
+
+@pytest.mark.parametrize("setup", ARCHS[:1], indirect=True)
+def test_exclude_special_tokens_bypasses_those_positions(setup):
+    ref, gm = setup
+    sae, ids = TinySAE(H), tokens(2, 7)
+    special = [int(ids[0, 0]), int(ids[1, 3])]
+    keep = torch.isin(ids, torch.tensor(special))[..., None]
+    for use_error_term in (False, True):
+        by_hand = (lambda x: x) if use_error_term else (lambda x: torch.where(keep, x, recons_by_hand(sae, x)))
+        want, x = hf_run(ref, layer(ref, gm), ids, replace=by_hand)
+        with torch.no_grad():
+            logits, cache = gm.run_with_cache_with_saes(ids, saes=[sae], use_error_term=use_error_term,
+                                                        exclude_special_tokens=special)
+        torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache[f"{H}.hook_sae_output"], by_hand(x), atol=1e-5, rtol=1e-5)
+        if use_error_term:
+            error = torch.where(keep, torch.zeros_like(x), x - recons_by_hand(sae, x))
+            torch.testing.assert_close(cache[f"{H}.hook_sae_error"], error, atol=1e-5, rtol=1e-5)
+    assert not gm._forward_pre_hooks and not gm._forward_hooks  # the mask hooks leave with the SAE
+    if getattr(gm, "tokenizer", None) is None:
+        with pytest.raises(ValueError, match="tokenizer"):
+            gm.add_sae(sae, exclude_special_tokens=True)
+    assert gm.acts_to_saes == {}
