@@ -33,7 +33,8 @@ import fxbridge as bridge  # noqa: E402
 from tiny import VOCAB, build, forward_hooks  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "disabled")
-pytestmark = [pytest.mark.sae]
+# SAELens's advice for real runs (tiny in-process datasets, untokenized text, several epochs) is noise here
+pytestmark = [pytest.mark.sae, pytest.mark.filterwarnings("ignore::UserWarning:sae_lens.training.activations_store")]
 CTX = 12  # context size of every store here
 D = 64  # d_model of the tiny models
 
@@ -86,7 +87,7 @@ def runner_cfg(hook_name: str, tmp_path, **overrides) -> LanguageModelSAERunnerC
         sae=StandardTrainingSAEConfig(d_in=D, d_sae=32, l1_coefficient=1e-3), hook_name=hook_name,
         model_name="tiny-traced", dataset_path="", is_dataset_tokenized=False, streaming=False, context_size=CTX,
         training_tokens=CTX * 4 * 40, train_batch_size_tokens=CTX * 4, store_batch_size_prompts=4,
-        n_batches_in_buffer=2, lr=1e-2, device="cpu", seed=0, prepend_bos=True, n_eval_batches=1,
+        n_batches_in_buffer=8, lr=1e-2, device="cpu", seed=0, prepend_bos=True, n_eval_batches=1,
         eval_batch_size_prompts=2, logger=LoggingConfig(log_to_wandb=False), checkpoint_path=str(tmp_path / "ckpt"),
         output_path=str(tmp_path / "out"), n_checkpoints=0, verbose=False, dead_feature_window=10,
         feature_sampling_window=10, n_batches_for_norm_estimate=2)
