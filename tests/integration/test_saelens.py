@@ -135,8 +135,8 @@ def per_token_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(ids.shape[0], -1)
 
 
-def random_sae(hook_name: str, seed: int = 0) -> StandardSAE:
-    sae = StandardSAE(StandardSAEConfig(d_in=D, d_sae=32))
+def random_sae(hook_name: str, seed: int = 0, **cfg) -> StandardSAE:
+    sae = StandardSAE(StandardSAEConfig(d_in=D, d_sae=32, **cfg))
     sae.cfg.metadata.hook_name = hook_name
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -219,3 +219,32 @@ def test_run_with_cache_with_saes_real_sae(use_error_term):
     torch.testing.assert_close(cache[f"{hook}.hook_sae_input"], x, atol=1e-5, rtol=1e-5)
     assert (f"{hook}.hook_sae_error" in cache) == use_error_term
     assert gm.acts_to_saes == {}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hook_z_sae_flattens_heads(arch):
+    """An SAE trained on hook_z (reshape_activations="hook_z") sees [B,S,H*dh] and its output goes back per head: HF's
+    o_proj input replaced by the reconstruction."""
+    model, gm = traced_with_tokenizer(arch)
+    hook = "blocks.0.attn.hook_z"
+    sae = random_sae(hook, seed=9, reshape_activations="hook_z")
+    ids = torch.randint(3, VOCAB, (2, CTX), generator=torch.Generator().manual_seed(10))
+    o_proj = model.get_submodule(f"{gm.spec.layers}.0.{gm.spec.attn}.{gm.spec.o_proj}")
+    seen = {}
+
+    def replace(module, args):
+        seen["z"] = args[0].detach()
+        with torch.no_grad():
+            return (sae.b_dec + torch.relu((args[0] - sae.b_dec) @ sae.W_enc + sae.b_enc) @ sae.W_dec,)
+
+    handle = o_proj.register_forward_pre_hook(replace)
+    try:
+        with torch.no_grad():
+            want = model(ids).logits
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        logits, cache = gm.run_with_cache_with_saes(ids, saes=[sae])
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache[f"{hook}.hook_sae_input"], seen["z"], atol=1e-5, rtol=1e-5)
+    assert cache[hook].shape == (2, CTX, 4, 16)
