@@ -133,7 +133,6 @@ class _Splice:
                                  f"{got} from {type(self.sae).__name__}")
         return out.to(output.dtype)
 
-
     def _mask_for(self, output: torch.Tensor) -> torch.Tensor | None:
         mask = self.mask
         if mask is None:
