@@ -248,3 +248,18 @@ def test_hook_z_sae_flattens_heads(arch):
     torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache[f"{hook}.hook_sae_input"], seen["z"], atol=1e-5, rtol=1e-5)
     assert cache[hook].shape == (2, CTX, 4, 16)
+
+
+def test_exclude_special_tokens_from_the_tokenizer():
+    """add_sae(exclude_special_tokens=True): the tokenizer's BOS / PAD positions keep the model's activation."""
+    model, gm = traced_with_tokenizer("gpt2")
+    hook = "blocks.0.hook_resid_post"
+    sae = random_sae(hook, seed=11)
+    tok = gm.tokenizer
+    ids = torch.randint(3, VOCAB, (2, CTX), generator=torch.Generator().manual_seed(12))
+    ids[:, 0], ids[1, 5] = tok.bos_token_id, tok.pad_token_id
+    keep = torch.isin(ids, torch.tensor([tok.bos_token_id, tok.pad_token_id]))[..., None]
+    with torch.no_grad():
+        want = hf_logits_replacing(model, gm, ids, 0, lambda a: torch.where(keep, a, sae.decode(sae.encode(a))))
+        got = gm.run_with_saes(ids, saes=[sae], exclude_special_tokens=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
