@@ -12,11 +12,13 @@ from .errors import (CaptureError, FxBridgeError, HookShapeError, InferredSpecWa
 from .exporter import export, to_networkx
 from .runtime import ActivationCache, HookedGraphModule, HookPoint, get_act_name
 from .pipeline import TraceReport, trace
+from .pretrained import from_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = ["ActivationCache", "CaptureError", "FxBridgeError", "HookPoint", "HookShapeError", "HookedGraphModule",
            "InferredSpecWarning",
            "MissingDependency", "ModelLoadError", "NotTracedError", "PassOrderError", "PatternNotFound", "TraceReport",
-           "UnsupportedArchitecture", "UnsupportedModel", "UsageError", "VerificationError", "export", "get_act_name",
+           "UnsupportedArchitecture", "UnsupportedModel", "UsageError", "VerificationError", "export", "from_pretrained",
+           "get_act_name",
            "supported_architectures", "to_networkx", "trace"]

@@ -107,7 +107,8 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
         gm = HookedGraphModule(captured.root, captured.graph, spec=spec, dims=dims, report=report,
                                options={"use_attn_result": use_attn_result},
                                traced_dtype=param.dtype if param is not None and param.is_floating_point() else None,
-                               traced_on_meta=param is not None and param.device.type == "meta")
+                               traced_on_meta=param is not None and param.device.type == "meta",
+                               default_positions=captured.default_positions)
         if spec.inferred:
             import warnings
 

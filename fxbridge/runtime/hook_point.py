@@ -57,6 +57,17 @@ class HookPoint(FastCallModule):
         self.hf_module = hf_module  # the HF module it sits in
         self._fwd: list[HookHandle] = []
         self._bwd: list[HookHandle] = []
+        self.ctx: dict = {}  # TransformerLens's per-hook scratch space (kept across calls until cleared)
+
+    def layer(self) -> int:
+        """The block index of a per-layer hook point (``blocks.3.attn.hook_z`` -> 3), as TransformerLens."""
+        parts = self.name.split(".")
+        if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit():
+            raise ValueError(f"hook point {self.name!r} is not inside a block, so it has no layer")
+        return int(parts[1])
+
+    def clear_context(self) -> None:
+        self.ctx = {}
 
     @property
     def has_hooks(self) -> bool:

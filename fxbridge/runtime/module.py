@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import operator
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -33,6 +32,8 @@ from ..errors import UsageError, unknown_hook_error
 from ..tracer.graph_facts import hf_path
 from .cache import ActivationCache
 from .fast_forward import build_fast_forward, slots_for
+from .forward import (check_input_ids, check_mask, check_positions, check_return_type, layer_index, model_output,
+                      positions_from_mask, reads_tokens, start_graph, unsupported_arguments)
 from .hook_point import HookHandle, HookPoint
 from .names import aliases_for, hook_name, shape_of
 from .sae import SAEMixin
@@ -47,7 +48,8 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
 
     def __init__(self, root: torch.nn.Module, graph: fx.Graph, *, spec, dims: dict[str, int],
                  report=None, options: dict | None = None,
-                 traced_dtype: torch.dtype | None = None, traced_on_meta: bool = False):
+                 traced_dtype: torch.dtype | None = None, traced_on_meta: bool = False,
+                 default_positions: str | None = None):
         super().__init__(root, graph, class_name="HookedGraphModule")
         self.training = False  # an inference capture (the HF model's own mode is the caller's)
         # GraphModule copies only the attributes the graph references, into fresh containers; put the real
@@ -65,6 +67,9 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
         self._fxb_options = dict(options or {})  # the trace() options, to trace again on unpickling
         self._fxb_dtype = traced_dtype
         self._fxb_meta = traced_on_meta
+        self._fxb_inputs = tuple(n.name for n in self.graph.nodes if n.op == "placeholder")
+        # what HF uses for positions when given none ("arange" / "mask", see tracer.capture.probe_default_positions)
+        self._fxb_positions = default_positions or "arange"
         self._index_hooks()
 
     # ----------------------------------------------------------------------------------------------- forward
@@ -80,30 +85,96 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
         _quiet_errors(cls)
         return result
 
-    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                 stop_at_layer: int | None = None, **unsupported) -> torch.Tensor:
+    def _forward(self, input=None, return_type: str | None = "logits", loss_per_token: bool = False,
+                 prepend_bos: bool | None = None, padding_side: str | None = None, *, start_at_layer: int | None = None,
+                 tokens: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 position_ids: torch.Tensor | None = None, stop_at_layer: int | None = None, **unsupported):
+        """TransformerLens's forward: ``gm(input, return_type="logits", ...)``; see ``runtime/forward.py``."""
+        if "input_ids" in unsupported and input is None:  # HF's spelling of the first argument
+            input = unsupported.pop("input_ids")
         if unsupported:
-            raise TypeError(f"the traced module takes input_ids, attention_mask and stop_at_layer; it does not take "
-                            f"{', '.join(sorted(unsupported))} (HF forward arguments the capture does not cover)")
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a tensor of token ids [batch, pos], got {type(input_ids).__name__}")
-        if self._fxb_meta and input_ids.device.type != "meta":
+            unsupported_arguments(unsupported)
+        check_return_type(return_type)
+        if start_at_layer is not None:
+            return self._forward_from_layer(input, start_at_layer, return_type=return_type,
+                                            loss_per_token=loss_per_token, tokens=tokens,
+                                            attention_mask=attention_mask, position_ids=position_ids,
+                                            stop_at_layer=stop_at_layer)
+        ids, attention_mask, position_ids = self._model_inputs(input, prepend_bos, padding_side, attention_mask,
+                                                               position_ids)
+        if stop_at_layer is not None:
+            return self._truncated_module(stop_at_layer)(*self._graph_args(ids, attention_mask, position_ids))
+        if torch.compiler.is_compiling():  # let dynamo see fx's plain code
+            logits = self._fx_forward(*self._graph_args(ids, attention_mask, position_ids))
+        else:
+            logits = self._graph_forward(*self._graph_args(ids, attention_mask, position_ids))
+        return model_output(logits, ids, attention_mask, return_type, loss_per_token)
+
+    def _model_inputs(self, input, prepend_bos, padding_side, attention_mask, position_ids):
+        """(input_ids, attention_mask, position_ids) for the graph from a forward's arguments (TL's rules, HF's
+        defaults): strings are tokenized (a padded batch gets its mask and mask-derived positions); tokens run as
+        given with HF's defaults (all-ones mask, ``arange`` positions) unless the caller passes a mask / positions."""
+        derived_positions = False
+        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
+            input, mask = self._tokenize_input(input, prepend_bos=prepend_bos, padding_side=padding_side)
+            if attention_mask is None and mask is not None:
+                attention_mask, derived_positions = mask, True
+        ids = check_input_ids(input)
+        if self._fxb_meta and ids.device.type != "meta":
             raise UsageError(
                 f"this module was traced on the meta device and runs only on meta tensors (got input_ids on "
-                f"{input_ids.device}); its graph holds meta-device constants. Materialise the HF model's weights "
+                f"{ids.device}); its graph holds meta-device constants. Materialise the HF model's weights "
                 "(e.g. to_empty + load_state_dict) and trace it again on its real device.")
-        if input_ids.dim() == 1:
-            input_ids = input_ids.unsqueeze(0)
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
-                             f"input_ids {tuple(input_ids.shape)}; they must match")
-        if stop_at_layer is None:
-            if torch.compiler.is_compiling():  # let dynamo see fx's plain code
-                return self._fx_forward(input_ids, attention_mask)
-            return self._graph_forward(input_ids, attention_mask)
-        return self._truncated_module(stop_at_layer)(input_ids, attention_mask)
+            attention_mask = torch.ones_like(ids)
+        else:
+            attention_mask = check_mask(attention_mask, ids)
+        if position_ids is not None or derived_positions:
+            if "position_ids" not in self._fxb_inputs:
+                if position_ids is not None:
+                    raise UsageError(self._no_positions_reason())
+            elif position_ids is None:
+                position_ids = positions_from_mask(attention_mask)
+            else:
+                position_ids = check_positions(position_ids, ids)
+        return ids, attention_mask, position_ids
+
+    def _graph_args(self, ids, attention_mask, position_ids) -> tuple:
+        if "position_ids" not in self._fxb_inputs:
+            return ids, attention_mask
+        if position_ids is None:  # HF's default: 0..S-1 in every row (OPT: counted over the mask)
+            position_ids = (positions_from_mask(attention_mask) if self._fxb_positions == "mask"
+                            else torch.arange(ids.shape[1], device=ids.device).expand(ids.shape))
+        return ids, attention_mask, position_ids
+
+    def _no_positions_reason(self) -> str:
+        return (f"{type(self.hf).__name__}'s forward takes no position_ids (positions come from the attention mask "
+                f"there), so the traced module takes none either; pass attention_mask")
+
+    def _forward_from_layer(self, residual, layer, *, return_type, loss_per_token, tokens, attention_mask,
+                            position_ids, stop_at_layer):
+        """TL's ``start_at_layer``: ``residual`` [B,S,D] enters ``blocks.{layer}.hook_resid_pre``."""
+        if not isinstance(residual, torch.Tensor) or residual.dim() != 3:
+            raise TypeError(f"with start_at_layer the input is the residual stream [batch, pos, d_model], got "
+                            f"{type(residual).__name__} {tuple(getattr(residual, 'shape', ()))}")
+        start = self._layer_index(layer, "start_at_layer", allow_end=False)
+        graph_module, needs_tokens = self._started_module(start, stop_at_layer)
+        if tokens is None:
+            if needs_tokens or return_type in ("loss", "both"):
+                why = ("the loss reads them" if return_type in ("loss", "both") else
+                       f"{self.spec.family}'s later layers read the token ids (per-layer inputs)")
+                raise ValueError(f"start_at_layer={layer} needs tokens= (the input token ids [batch, pos]): {why}")
+            tokens = torch.zeros(residual.shape[:2], dtype=torch.long, device=residual.device)
+        ids, attention_mask, position_ids = self._model_inputs(tokens, None, None, attention_mask, position_ids)
+        if ids.shape != residual.shape[:2]:
+            raise ValueError(f"tokens {tuple(ids.shape)} and the residual {tuple(residual.shape)} disagree on "
+                             "[batch, pos]")
+        out = graph_module(residual, *self._graph_args(ids, attention_mask, position_ids))
+        if stop_at_layer is not None:
+            return out
+        return model_output(out, ids, attention_mask, return_type, loss_per_token)
 
     # ------------------------------------------------------------------------------------------------ state
     def _apply(self, fn, recurse=True):
@@ -148,24 +219,36 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
                 setattr(root, node.target, copy.deepcopy(getattr(self, node.target), memo))
         return HookedGraphModule(root, copy.deepcopy(self.graph, memo), spec=self.spec, dims=self.dims,
                                  report=self.report, options=self._fxb_options,
-                                 traced_dtype=self._fxb_dtype, traced_on_meta=self._fxb_meta)
+                                 traced_dtype=self._fxb_dtype, traced_on_meta=self._fxb_meta,
+                                 default_positions=self._fxb_positions)
 
-    def _truncated_module(self, layer: int) -> fx.GraphModule:
+    def _layer_index(self, layer, what: str, *, allow_end: bool) -> int:
+        return layer_index(layer, self.dims["n_layers"], what, allow_end=allow_end)
+
+    def _stop_hook(self, stop: int) -> str:
+        """The hook node whose value ``stop_at_layer=stop`` returns: the residual entering block ``stop``."""
         n = self.dims["n_layers"]
-        try:
-            if isinstance(layer, bool):  # True == 1 would also poison the cache below
-                raise TypeError
-            layer = operator.index(layer)  # ints, numpy ints, 0-d integer tensors; not 1.0, 0.5 or "1"
-        except TypeError:
-            raise TypeError(f"stop_at_layer must be an int layer index (or None), got {type(layer).__name__} "
-                            f"{layer!r}") from None
-        if layer < 0:
-            layer += n
-        if not 0 <= layer < n:
-            raise ValueError(f"stop_at_layer must be in [-{n}, {n}), got {layer}")
-        if layer not in self._truncated:
-            self._truncated[layer] = truncate_at(self, hook_name("hook_resid_pre", layer))
-        return self._truncated[layer]
+        return hook_name("hook_resid_post", n - 1) if stop == n else hook_name("hook_resid_pre", stop)
+
+    def _truncated_module(self, layer) -> fx.GraphModule:
+        stop = self._layer_index(layer, "stop_at_layer", allow_end=True)
+        if stop not in self._truncated:
+            self._truncated[stop] = truncate_at(self, self._stop_hook(stop))
+        return self._truncated[stop]
+
+    def _started_module(self, start: int, stop_at_layer) -> tuple[fx.GraphModule, bool]:
+        """The graph from ``blocks.{start}.hook_resid_pre`` (a residual input) to the logits or to ``stop_at_layer``."""
+        stop = None if stop_at_layer is None else self._layer_index(stop_at_layer, "stop_at_layer", allow_end=True)
+        if stop is not None and stop < start:
+            raise ValueError(f"stop_at_layer={stop_at_layer} comes before start_at_layer={start}")
+        key = ("start", start, stop)
+        if key not in self._truncated:
+            stop_at = None if stop is None else (hook_name("hook_resid_pre", start) if stop == start
+                                                 else self._stop_hook(stop))
+            module = _module_for(self, start_graph(self, hook_name("hook_resid_pre", start), stop_at),
+                                 "StartedGraphModule")
+            self._truncated[key] = (module, reads_tokens(module.graph))
+        return self._truncated[key]
 
     # ------------------------------------------------------------------------------------------------- hooks
     def _index_hooks(self) -> None:
@@ -211,17 +294,32 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
         raise TypeError(f"a hook target is a name or a filter function, got {type(name_or_filter).__name__}")
 
     def add_hook(self, name: "NameOrFilter", hook: Callable, dir: str = "fwd", is_permanent: bool = False,
-                 prepend: bool = False) -> list[HookHandle]:
-        """Attach ``hook(tensor, hook=HookPoint)`` to one hook point or to every name a filter accepts."""
+                 level: int | None = None, prepend: bool = False) -> list[HookHandle]:
+        """Attach ``hook(tensor, hook=HookPoint)`` to one hook point or to every name a filter accepts.
+        (``level``: TransformerLens's context level, accepted for its signature; fxbridge removes hooks by handle.)"""
         return [hp.add_hook(hook, dir=dir, is_permanent=is_permanent, prepend=prepend) for hp in self._select(name)]
 
-    def reset_hooks(self, including_permanent: bool = False, direction: str = "both") -> None:
+    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both", including_permanent: bool = False,
+                    level: int | None = None) -> None:
+        """Remove hooks (TransformerLens's signature): all but permanent ones unless ``including_permanent``;
+        ``clear_contexts`` also empties every ``hook.ctx``."""
+        if direction not in ("fwd", "bwd", "both"):
+            raise ValueError(f"direction must be 'fwd', 'bwd' or 'both', got {direction!r}")
         for hp in self.hook_dict.values():
             hp.remove_hooks(direction, including_permanent=including_permanent)
+            if clear_contexts:
+                hp.clear_context()
+
+    def clear_contexts(self) -> None:
+        """Empty every hook point's ``ctx`` dict."""
+        for hp in self.hook_dict.values():
+            hp.clear_context()
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Iterable = (), bwd_hooks: Iterable = (), reset_hooks_end: bool = True):
-        """Attach hooks for the ``with`` block; they are removed at its end, also when something raises."""
+    def hooks(self, fwd_hooks: Iterable = (), bwd_hooks: Iterable = (), reset_hooks_end: bool = True,
+              clear_contexts: bool = False):
+        """Attach hooks for the ``with`` block; they are removed at its end, also when something raises
+        (``clear_contexts``: and every ``hook.ctx`` is emptied)."""
         handles: list[HookHandle] = []
         try:
             for name, fn in fwd_hooks:
@@ -233,16 +331,21 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
             if reset_hooks_end:
                 for handle in handles:
                     handle.remove()
+            if clear_contexts:
+                self.clear_contexts()
 
     def run_with_hooks(self, *args, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), reset_hooks_end: bool = True,
                        clear_contexts: bool = False, **kwargs) -> Any:
         """Forward with temporary hooks. Backward hooks attached here still run in a later ``.backward()``."""
-        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end):
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             return self(*args, **kwargs)
 
     def run_with_cache(self, *args, names_filter=None, device=None, remove_batch_dim: bool = False,
                        incl_bwd: bool = False, return_cache_object: bool = True, **kwargs):
-        """Forward, storing the activation of every hook point ``names_filter`` selects (one entry each)."""
+        """Forward, storing the activation of every hook point ``names_filter`` selects (one entry each).
+
+        ``incl_bwd=True`` (TransformerLens): the output must be a scalar (``return_type="loss"``); its backward
+        runs here and the cache also holds each selected activation's gradient under ``<name>_grad``."""
         names = self._cache_names(names_filter)
         store: dict[str, torch.Tensor] = {}
 
@@ -258,6 +361,11 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
         bwd = [(name, make_saver(name + "_grad")) for name in names] if incl_bwd else []
         with self.hooks(fwd, bwd, reset_hooks_end=True):
             out = self(*args, **kwargs)
+            if incl_bwd:
+                if not isinstance(out, torch.Tensor) or out.numel() != 1 or not out.requires_grad:
+                    raise ValueError("run_with_cache(incl_bwd=True) runs backward from the output, which must be a "
+                                     "scalar that requires grad: pass return_type='loss' (and leave grad enabled)")
+                out.backward()
         if not return_cache_object:
             return out, store
         return out, ActivationCache(store, self.dims["n_layers"], has_batch_dim=not remove_batch_dim,
@@ -284,13 +392,25 @@ def truncate_at(gm: fx.GraphModule, hook_name: str) -> fx.GraphModule:
         if node.op == "call_module" and node.target == hook_name:
             graph.output(env[node])
             break
-    truncated = fx.GraphModule(gm, graph, class_name="TruncatedGraphModule")
+    return _module_for(gm, graph, "TruncatedGraphModule")
+
+
+def _module_for(gm: fx.GraphModule, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """A GraphModule running ``graph`` over gm's own modules and weights (nothing copied); dead code removed."""
+    module = fx.GraphModule(gm, graph, class_name=class_name)
     for name, child in gm.named_children():
-        setattr(truncated, name, child)
-    truncated.graph.eliminate_dead_code()
-    truncated.recompile()
-    _quiet_errors(type(truncated))
-    return truncated
+        setattr(module, name, child)
+    module.graph.eliminate_dead_code(is_impure_node=_impure)
+    module.recompile()
+    _quiet_errors(type(module))
+    return module
+
+
+def _impure(node: fx.Node) -> bool:
+    """fx's purity test, except that an inference dropout (``train=False``, an identity) is pure: unused, it goes."""
+    if node.op == "call_function" and node.target is torch.ops.aten.dropout.default and node.args[2:3] == (False,):
+        return False
+    return node.is_impure()
 
 
 def _quiet_errors(cls) -> None:

@@ -18,6 +18,7 @@ trace the model again on its real device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -34,7 +35,7 @@ from .stitch import capture_stitched
 
 log = logging.getLogger(__name__)
 
-INPUTS = ("input_ids", "attention_mask")
+INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 # Ops that only check metadata at runtime; the graph is already specialised on what they check.
 _RUNTIME_ASSERTS = {
@@ -52,6 +53,9 @@ class Captured:
     seconds: float
     example_shape: tuple[int, int]
     notes: list[str] = field(default_factory=list)
+    # "arange" / "mask": the graph takes position_ids, and HF's forward, given none, uses 0..S-1 for every row /
+    # the mask-derived positions (OPT); None: the graph takes no position_ids (see probe_default_positions)
+    default_positions: str | None = None
 
 
 def _example_inputs(model, batch: int, seq: int):
@@ -61,6 +65,11 @@ def _example_inputs(model, batch: int, seq: int):
     ids = torch.randint(0, max(vocab, 2), (batch, seq), generator=gen).to(device)
     mask = torch.ones(batch, seq, dtype=torch.long, device=device)
     return ids, mask
+
+
+def takes_position_ids(model) -> bool:
+    """Whether the model's forward takes ``position_ids`` (Bloom and MPT do not: ALiBi reads the mask)."""
+    return "position_ids" in inspect.signature(model.forward).parameters
 
 
 def _model_device(model) -> torch.device:
@@ -111,8 +120,12 @@ def _dispatch_as_eager(graph: fx.Graph) -> None:
         node.target = dispatch
 
 
-def export_model(model, *, batch: int = 2, seq: int = 7):
-    """torch.export the model's forward(input_ids, attention_mask, use_cache=False) with dynamic B and S.
+def export_model(model, *, batch: int = 2, seq: int = 7, positions: bool = True):
+    """torch.export the model's forward(input_ids, attention_mask, position_ids, use_cache=False) with dynamic B, S.
+
+    ``position_ids`` is a graph input where the forward takes one (and ``positions``): left-padded batches then run
+    with the mask-derived positions HF's ``generate`` and TransformerLens give them; the traced module passes HF's
+    default (``arange``) when the caller gives none.
 
     Batch and sequence are named dims first. A model that slices a buffer of max_positions rows by the sequence
     length (GPT-Neo's causal bias, MPT's ALiBi table) makes export guard on the sequence length (``seq != max``)
@@ -122,11 +135,13 @@ def export_model(model, *, batch: int = 2, seq: int = 7):
     ids, mask = _example_inputs(model, batch, seq)
     max_seq = _max_positions(model.config)
     kwargs = {"input_ids": ids, "attention_mask": mask}
+    if positions and takes_position_ids(model):
+        kwargs["position_ids"] = torch.arange(seq, device=ids.device).unsqueeze(0).repeat(batch, 1)
     if "use_cache" in inspect.signature(model.forward).parameters:  # OpenAI GPT has no cache (and no argument)
         kwargs["use_cache"] = False
 
     def dynamic(b_dim, s_dim):
-        dyn = {"input_ids": {0: b_dim, 1: s_dim}, "attention_mask": {0: b_dim, 1: s_dim}}
+        dyn = {name: {0: b_dim, 1: s_dim} for name in INPUTS if name in kwargs}
         return dict(dyn, use_cache=None) if "use_cache" in kwargs else dyn
 
     b_dim = torch.export.Dim("batch", min=1, max=1 << 16)
@@ -246,6 +261,32 @@ def replaced_forwards(model, forwards):
                 cls.forward = fwd
 
 
+def probe_default_positions(model) -> str | None:
+    """What HF's forward uses for positions when it is given none, on a left-padded batch: "arange" (0..S-1 in every
+    row: most families), "mask" (each row counts its unmasked tokens: OPT), or None where the forward takes no
+    ``position_ids`` (Bloom, MPT) or neither matches. A meta model cannot run: "arange" is assumed there."""
+    if not takes_position_ids(model):
+        return None
+    device = _model_device(model)
+    if device.type == "meta":
+        return "arange"
+    from ..runtime.forward import positions_from_mask
+    ids, mask = _example_inputs(model, 2, 5)
+    mask[1, :2] = 0  # the second row left-padded by two
+    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    with torch.no_grad():
+        run = lambda **kw: model(input_ids=ids, attention_mask=mask, **kwargs, **kw).logits.float()[mask.bool()]
+        default = run()
+        scale = max(float(default.abs().max()), 1.0)
+        for mode, positions in (("arange", torch.arange(5, device=device).expand(2, 5)),
+                                ("mask", positions_from_mask(mask))):
+            if torch.allclose(default, run(position_ids=positions), rtol=1e-3, atol=1e-4 * scale):
+                return mode
+    log.info("%s: HF's default positions are neither 0..S-1 nor mask-derived; capturing without position_ids",
+             type(model).__name__)
+    return None
+
+
 def capture(model, *, layers: str | None, batch: int = 2, seq: int = 7, forwards=()) -> Captured:
     """Capture ``model`` into a graph whose get_attr nodes point at the model's own parameters.
 
@@ -254,16 +295,27 @@ def capture(model, *, layers: str | None, batch: int = 2, seq: int = 7, forwards
     """
     start = time.perf_counter()
     with replaced_forwards(model, forwards):
-        stitched = None if layers is None else capture_stitched(model, layers, export_model, _unlift, batch=batch,
-                                                                seq=seq)
-        if stitched is not None:
-            root, graph, notes = stitched
-        else:
-            ep = export_model(model, batch=batch, seq=seq)
-            root, graph = _unlift(ep, model)
-            notes = ["captured every layer"]
+        positions = probe_default_positions(model)
+        try:
+            root, graph, notes = _capture_graph(model, layers, batch, seq, positions is not None)
+        except CaptureError:
+            if positions is None:
+                raise
+            log.info("capture with position_ids as an input failed; capturing without it")
+            positions = None
+            root, graph, notes = _capture_graph(model, layers, batch, seq, False)
     _dispatch_as_eager(graph)
     seconds = time.perf_counter() - start
     log.info("captured %s in %.1fs (%d nodes; %s)", type(model).__name__, seconds, len(graph.nodes), notes[0])
-    return Captured(root=root, graph=graph, seconds=seconds, example_shape=(batch, seq), notes=notes)
+    return Captured(root=root, graph=graph, seconds=seconds, example_shape=(batch, seq), notes=notes,
+                    default_positions=positions)
+
+
+def _capture_graph(model, layers, batch: int, seq: int, positions: bool):
+    export = functools.partial(export_model, positions=positions)
+    stitched = None if layers is None else capture_stitched(model, layers, export, _unlift, batch=batch, seq=seq)
+    if stitched is not None:
+        return stitched
+    root, graph = _unlift(export(model, batch=batch, seq=seq), model)
+    return root, graph, ["captured every layer"]
 

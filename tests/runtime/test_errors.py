@@ -43,8 +43,10 @@ def test_unsupported_architecture_lists_supported():
 def test_bad_inputs_are_reported():
     from conftest import traced
     _, _, gm = traced("llama")
-    with pytest.raises(TypeError, match="input_ids"):
-        gm("hello")
+    with pytest.raises(TypeError, match="token ids"):
+        gm(torch.randn(2, 4))
+    with pytest.raises(TypeError, match="token ids"):
+        gm(3)
     with pytest.raises(ValueError, match="attention_mask"):
         gm(tokens(2, 4), attention_mask=torch.ones(2, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="stop_at_layer"):

@@ -1,0 +1,30 @@
+"""TransformerLens's ``utils`` functions that notebooks call with a model: ``from fxbridge import utils``.
+
+- ``get_act_name("pattern", 3)`` -> ``"blocks.3.attn.hook_pattern"`` (TL's shorthand);
+- ``lm_cross_entropy_loss(logits, tokens, attention_mask=None, per_token=False)`` (TL's next-token loss; what
+  ``gm(..., return_type="loss")`` computes);
+- ``to_numpy`` (TL's helper).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .runtime.forward import lm_cross_entropy_loss
+from .runtime.names import get_act_name
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A tensor (detached, on the CPU), a list / tuple of numbers or a number as a numpy array, as TL's."""
+    if isinstance(tensor, np.ndarray):
+        return tensor
+    if isinstance(tensor, (list, tuple)):
+        return np.array(tensor)
+    if isinstance(tensor, torch.Tensor):
+        return tensor.detach().cpu().numpy()
+    if isinstance(tensor, (int, float, bool, str)):
+        return np.array(tensor)
+    raise ValueError(f"to_numpy takes a tensor, array, list, tuple or number, got {type(tensor).__name__}")
+
+
+__all__ = ["get_act_name", "lm_cross_entropy_loss", "to_numpy"]

@@ -1,0 +1,202 @@
+"""TransformerLens's forward keywords on a traced module: return types, loss, partial forwards, positions, incl_bwd.
+
+Oracles: HF eager (its logits, its ``labels=`` loss, decoder-layer outputs and their gradients recorded with torch
+hooks on the HF model) and TransformerLens's loss formula written out here.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import traced
+from tiny import forward_hooks, left_padded, tokens
+
+pytestmark = pytest.mark.xdist_group("llama")
+ARCHS = ["llama", "gpt2"]
+
+
+def _layer_outputs(model, layers):
+    """{i: output of HF decoder layer i} recorded by forward hooks (the HF oracle for resid_post)."""
+    seen = {}
+
+    def rec(i):
+        def hook(module, args, out):
+            seen[i] = out[0] if isinstance(out, tuple) else out
+        return hook
+    return seen, [(layers[i], rec(i)) for i in range(len(layers))]
+
+
+def _decoder_layers(model):
+    return model.model.layers if hasattr(model, "model") else model.transformer.h
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_return_types_and_loss_equal_hf(arch):
+    model, ref, gm = traced(arch)
+    ids = tokens(2, 9)
+    with torch.no_grad():
+        hf = ref(input_ids=ids, labels=ids)
+        logits = gm(ids, return_type="logits")
+        loss = gm(ids, return_type="loss")
+        both = gm(ids, return_type="both")
+        per_token = gm(ids, return_type="loss", loss_per_token=True)
+        nothing = gm(ids, return_type=None)
+    assert (logits - hf.logits).abs().max() < 1e-5
+    assert abs(loss.item() - hf.loss.item()) < 1e-5
+    assert both.logits is not None and (both.logits - hf.logits).abs().max() < 1e-5
+    assert abs(both.loss.item() - hf.loss.item()) < 1e-5
+    assert nothing is None
+    # per token: -log p(token t+1), [B, S-1], written out from HF's logits
+    expected = -F.log_softmax(hf.logits, -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    assert per_token.shape == (2, 8)
+    assert (per_token - expected).abs().max() < 1e-5
+
+
+def test_loss_with_a_mask_counts_only_unmasked_pairs():
+    _, ref, gm = traced("llama")
+    ids, mask = left_padded(2, 8, pads=[0, 3])
+    with torch.no_grad():
+        hf_logits = ref(input_ids=ids, attention_mask=mask).logits
+        loss = gm(ids, attention_mask=mask, return_type="loss")
+    lp = -F.log_softmax(hf_logits, -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    keep = (mask[:, :-1] * mask[:, 1:]).bool()  # TL: the token and the next one are both real
+    assert abs(loss.item() - lp[keep].mean().item()) < 1e-5
+
+
+def test_unknown_return_type_lists_the_choices():
+    _, _, gm = traced("llama")
+    with pytest.raises(ValueError, match="'logits', 'loss', 'both', None"):
+        gm(tokens(1, 4), return_type="probs")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_stop_at_layer_covers_minus_n_to_n(arch):
+    model, ref, gm = traced(arch)
+    n = gm.dims["n_layers"]
+    ids = tokens(2, 6)
+    layers = _decoder_layers(ref)
+    seen, pairs = _layer_outputs(ref, layers)
+    with torch.no_grad(), forward_hooks(*pairs):
+        ref(input_ids=ids)
+    with torch.no_grad():
+        assert (gm(ids, stop_at_layer=n) - seen[n - 1]).abs().max() < 1e-5  # the last block's output
+        assert (gm(ids, stop_at_layer=-1) - seen[n - 2]).abs().max() < 1e-5  # blocks[:-1], as a Python slice
+        assert (gm(ids, stop_at_layer=1) - seen[0]).abs().max() < 1e-5
+        assert (gm(ids, stop_at_layer=-n) - gm(ids, stop_at_layer=0)).abs().max() == 0
+    for bad in (n + 1, -n - 1):
+        with pytest.raises(ValueError, match=rf"\[-{n}, {n}\]"):
+            gm(ids, stop_at_layer=bad)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_start_at_layer_runs_the_rest_from_a_residual(arch):
+    model, ref, gm = traced(arch)
+    ids = tokens(2, 6)
+    with torch.no_grad():
+        expected = ref(input_ids=ids).logits
+        resid = gm(ids, stop_at_layer=1)
+        fired = []
+        gm.add_hook("blocks.1.hook_resid_pre", lambda t, hook: fired.append(t.clone()))
+        gm.add_hook("blocks.0.hook_resid_post", lambda t, hook: fired.append("layer 0 ran"))
+        try:
+            got = gm(resid, start_at_layer=1, tokens=ids)
+            loss = gm(resid, start_at_layer=1, tokens=ids, return_type="loss")
+            mid = gm(resid, start_at_layer=1, stop_at_layer=2)
+        finally:
+            gm.reset_hooks()
+        assert (got - expected).abs().max() < 1e-5
+        assert abs(loss.item() - ref(input_ids=ids, labels=ids).loss.item()) < 1e-5
+        assert len(fired) == 3 and all(isinstance(f, torch.Tensor) and (f == resid).all() for f in fired)
+        seen, pairs = _layer_outputs(ref, _decoder_layers(ref))
+        with forward_hooks(*pairs):
+            ref(input_ids=ids)
+        assert (mid - seen[1]).abs().max() < 1e-5
+        # a different residual changes the output: the input really is what the blocks read
+        assert (gm(resid * 2, start_at_layer=1) - expected).abs().max() > 1e-3
+
+
+def test_start_at_layer_needs_tokens_for_the_loss():
+    _, _, gm = traced("llama")
+    resid = torch.zeros(1, 4, gm.dims["d_model"])
+    with pytest.raises(ValueError, match="tokens="):
+        gm(resid, start_at_layer=1, return_type="loss")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_position_ids_are_passed_as_hf_takes_them(arch):
+    model, ref, gm = traced(arch)
+    ids, mask = left_padded(2, 7, pads=[0, 3])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        default = ref(input_ids=ids, attention_mask=mask).logits
+        got = gm(ids, attention_mask=mask, position_ids=positions)
+        plain = gm(ids, attention_mask=mask)
+    keep = mask.bool()
+    assert (got - expected)[keep].abs().max() < 1e-5
+    assert (plain - default)[keep].abs().max() < 1e-5  # no positions given: HF's default (0..S-1)
+    if arch == "gpt2":  # learned absolute positions: a shifted row changes (RoPE is shift-invariant)
+        assert (expected - default)[keep].abs().max() > 1e-3
+
+
+def test_run_with_cache_incl_bwd_runs_the_backward():
+    model, ref, gm = traced("llama")
+    ids = tokens(1, 6)
+    layers = _decoder_layers(ref)
+    outs = {}
+
+    def keep(i):
+        def hook(module, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            out.retain_grad()
+            outs[i] = out
+        return hook
+    with forward_hooks(*[(layers[i], keep(i)) for i in range(len(layers))]):
+        ref(input_ids=ids, labels=ids).loss.backward()
+    ref.zero_grad(set_to_none=True)
+    loss, cache = gm.run_with_cache(ids, return_type="loss", incl_bwd=True,
+                                    names_filter=lambda name: name.endswith("hook_resid_post"))
+    model.zero_grad(set_to_none=True)
+    for i in range(len(layers)):
+        assert (cache[f"blocks.{i}.hook_resid_post_grad"] - outs[i].grad).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="return_type='loss'"):
+        gm.run_with_cache(ids, incl_bwd=True)
+    assert not any(hp.has_hooks for hp in gm.hook_dict.values())
+
+
+def test_hook_layer_ctx_and_tl_reset_hooks():
+    _, _, gm = traced("llama")
+    hp = gm.hook_dict["blocks.2.attn.hook_z"]
+    assert hp.layer() == 2 and hp.name == "blocks.2.attn.hook_z"
+    with pytest.raises(ValueError, match="not inside a block"):
+        gm.hook_dict["hook_embed"].layer()
+
+    def count(t, hook):
+        hook.ctx["calls"] = hook.ctx.get("calls", 0) + 1
+    gm.add_hook("blocks.2.attn.hook_z", count)
+    gm(tokens(1, 3))
+    gm(tokens(1, 3))
+    assert hp.ctx["calls"] == 2  # ctx persists across calls
+    gm.reset_hooks(False)  # TL's positional order: clear_contexts first
+    assert hp.ctx["calls"] == 2 and not hp.has_hooks
+    gm.reset_hooks()
+    assert hp.ctx == {}
+    gm.run_with_hooks(tokens(1, 3), fwd_hooks=[("blocks.2.attn.hook_z", count)], clear_contexts=True)
+    assert hp.ctx == {}
+
+
+def test_hf_spellings_and_refused_arguments():
+    model, ref, gm = traced("llama")
+    ids = tokens(1, 5)
+    with torch.no_grad():
+        assert (gm(input_ids=ids) - ref(input_ids=ids).logits).abs().max() < 1e-5
+    with pytest.raises(TypeError, match="past_key_values: generation"):
+        gm(ids, past_key_values=None)
+    with pytest.raises(TypeError, match="labels: use return_type='loss'"):
+        gm(ids, labels=ids)
+
+
+def test_a_family_without_position_ids_refuses_them():
+    _, _, gm = traced("bloom")
+    ids = tokens(1, 4)
+    from fxbridge import UsageError
+    with pytest.raises(UsageError, match="takes no position_ids"):
+        gm(ids, position_ids=torch.arange(4)[None])
