@@ -57,7 +57,9 @@ def traced_with_tokenizer(arch: str):
     """(HF model, traced module with the word tokenizer), traced once per module run."""
     if arch not in _MODELS:
         model = build(arch)
-        _MODELS[arch] = (model, bridge.trace(model, tokenizer=word_tokenizer()))
+        gm = bridge.trace(model)
+        gm.set_tokenizer(word_tokenizer())
+        _MODELS[arch] = (model, gm)
     return _MODELS[arch]
 
 

@@ -25,7 +25,9 @@ def word_tokenizer():
 @pytest.fixture(scope="module")
 def models():
     model = build("gpt2")
-    return model, bridge.trace(model, tokenizer=word_tokenizer())
+    gm = bridge.trace(model)
+    gm.set_tokenizer(word_tokenizer())
+    return model, gm
 
 
 def _report_lines(logits_row, answer_id: int, top_k: int, decode) -> list[str]:
