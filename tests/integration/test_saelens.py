@@ -265,3 +265,18 @@ def test_exclude_special_tokens_from_the_tokenizer():
         want = hf_logits_replacing(model, gm, ids, 0, lambda a: torch.where(keep, a, sae.decode(sae.encode(a))))
         got = gm.run_with_saes(ids, saes=[sae], exclude_special_tokens=True)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_string_input_with_an_sae_bypassing_bos():
+    """A string goes through the tokenizer with TL's BOS (GPT-2: prepended), and the BOS position is bypassed."""
+    model, gm = traced_with_tokenizer("gpt2")
+    hook = "blocks.0.hook_resid_post"
+    sae = random_sae(hook, seed=13)
+    text = "w5 w9 w17 w33"
+    ids = torch.tensor([[gm.tokenizer.bos_token_id, *gm.tokenizer(text, add_special_tokens=False)["input_ids"]]])
+    keep = torch.zeros(ids.shape, dtype=torch.bool)[..., None]
+    keep[0, 0] = True
+    with torch.no_grad():
+        want = hf_logits_replacing(model, gm, ids, 0, lambda a: torch.where(keep, a, sae.decode(sae.encode(a))))
+        got = gm.run_with_saes(text, saes=[sae], exclude_special_tokens=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
