@@ -46,7 +46,7 @@ def _progress_printer(enabled: bool):
     return say
 
 
-def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bool = False,
+def trace(model: torch.nn.Module, *, tokenizer=None, progress: bool = False, use_attn_result: bool = False,
           verify: bool = False, spec=None) -> HookedGraphModule:
     """Capture ``model`` (a transformers-v5 ``*ForCausalLM``) into a hookable GraphModule sharing its weights.
 
@@ -63,6 +63,8 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
     against HF layer by layer, announced by an ``InferredSpecWarning`` and shown in ``gm.report``; one that cannot
     be inferred or does not verify raises ``UnsupportedArchitecture`` naming the layer and what diverged.
     ``spec=`` traces with that ArchSpec instead of the registered one (an inferred spec is verified likewise).
+    ``tokenizer=`` (a transformers tokenizer) is set with ``gm.set_tokenizer``: string input, ``to_tokens`` and the
+    rest of TransformerLens's tokenizer API then work (``fxbridge.from_pretrained`` loads both).
     """
     check_traceable(model)
     start = time.perf_counter()  # an inferred spec's capture and verification count too
@@ -118,6 +120,8 @@ def trace(model: torch.nn.Module, *, progress: bool = False, use_attn_result: bo
                 f"fxbridge has no spec for model_type={model.config.model_type!r}: traced {type(model).__name__} with "
                 f"a spec inferred from the model and verified against it on a random batch (see gm.report)"),
                 stacklevel=2)
+        if tokenizer is not None:
+            gm.set_tokenizer(tokenizer)
         report.total_seconds = time.perf_counter() - start
         if say:
             say(f"done: {len(gm.hook_dict)} hook points")

@@ -11,8 +11,8 @@ What the capture fixed, and what it did not:
   never reach it (use fxbridge's hooks), dropout is gone (``gm.train()`` changes nothing), and the floating dtype
   is baked into its casts: ``gm.to(dtype)`` / ``gm.half()`` raise ``UsageError`` (trace the converted model again)
   instead of silently mixing precisions. Device moves (``gm.to("cuda")``) are fine.
-- Pickling (``torch.save(gm)``) stores the HF model and the trace options; loading traces it again, so what comes
-  back is a fresh hookable module with the same outputs. Attached hooks are not saved.
+- Pickling (``torch.save(gm)``) stores the HF model, the trace options and the tokenizer; loading traces it again,
+  so what comes back is a fresh hookable module with the same outputs. Attached hooks are not saved.
 - Thread safety: hooks are module state, as in TransformerLens. Plain concurrent calls without hooks are safe;
   a temporary hook attached by one thread (``run_with_hooks``, ``hooks()``, ``run_with_cache``) is seen by every
   other thread's calls while it is attached. Give each thread its own module (``copy.deepcopy(gm)``) to isolate them.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -205,7 +206,7 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
         """Pickle as (HF model, trace options): unpickling traces again and gives a fresh hookable module."""
         if any(hp.has_hooks for hp in self.hook_dict.values()):
             warnings.warn("hooks attached to the traced module are not saved with it", stacklevel=2)
-        return (_retrace, (self.hf, self._fxb_options))
+        return (_retrace, (self.hf, self._fxb_options, self.tokenizer))
 
     def __deepcopy__(self, memo):
         """An independent traced module: the HF model (weights included), hook points and attached hooks copied."""
@@ -217,10 +218,17 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
         for node in self.graph.nodes:  # non-tensor constants the graph reads from the root
             if node.op == "get_attr" and "." not in node.target and not hasattr(root, node.target):
                 setattr(root, node.target, copy.deepcopy(getattr(self, node.target), memo))
-        return HookedGraphModule(root, copy.deepcopy(self.graph, memo), spec=self.spec, dims=self.dims,
-                                 report=self.report, options=self._fxb_options,
-                                 traced_dtype=self._fxb_dtype, traced_on_meta=self._fxb_meta,
-                                 default_positions=self._fxb_positions)
+        new = HookedGraphModule(root, copy.deepcopy(self.graph, memo), spec=self.spec, dims=self.dims,
+                                report=self.report, options=self._fxb_options,
+                                traced_dtype=self._fxb_dtype, traced_on_meta=self._fxb_meta,
+                                default_positions=self._fxb_positions)
+        if self.tokenizer is not None:
+            new.tokenizer = copy.deepcopy(self.tokenizer, memo)
+        cfg = self.__dict__.get("_fxb_cfg")
+        if cfg is not None:  # the copy keeps the config as edited (cfg.default_prepend_bos = False ...)
+            new.__dict__["_fxb_cfg"] = copy.copy(cfg)
+            new.__dict__["_fxb_cfg"]._module = weakref.ref(new)
+        return new
 
     def _layer_index(self, layer, what: str, *, allow_end: bool) -> int:
         return layer_index(layer, self.dims["n_layers"], what, allow_end=allow_end)
@@ -419,6 +427,6 @@ def _quiet_errors(cls) -> None:
     cls.__call__ = torch.nn.Module.__call__
 
 
-def _retrace(hf_model, options: dict):
+def _retrace(hf_model, options: dict, tokenizer=None):
     from ..pipeline import trace
-    return trace(hf_model, **options)
+    return trace(hf_model, tokenizer=tokenizer, **options)

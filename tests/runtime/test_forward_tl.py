@@ -200,3 +200,32 @@ def test_a_family_without_position_ids_refuses_them():
     from fxbridge import UsageError
     with pytest.raises(UsageError, match="takes no position_ids"):
         gm(ids, position_ids=torch.arange(4)[None])
+
+
+def test_string_input_and_the_tokenizer_survive_copies():
+    """A string batch runs through the tokenizer; a left-padded one gets its mask and mask-derived positions (HF's
+    generate's), checked against HF with both passed; deepcopy and pickling keep the tokenizer."""
+    import copy
+    import pickle
+
+    import fxbridge as bridge
+    from tiny_tokenizer import gpt2_like
+    model, ref, _ = traced("gpt2")
+    gm = bridge.trace(model, tokenizer=gpt2_like())
+    texts = ["the cat sat on the mat", "hello world"]
+    ids = gm.to_tokens(texts, padding_side="left")
+    mask = (torch.arange(ids.shape[1]) >= ids.shape[1] - torch.tensor([7, 3])[:, None]).long()  # 6 / 2 words + BOS
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        got = gm(texts, padding_side="left")
+        loss = gm(texts, padding_side="left", return_type="loss")
+    keep = mask.bool()
+    assert (got - expected)[keep].abs().max() < 1e-5
+    lp = -F.log_softmax(expected, -1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    assert abs(loss.item() - lp[(mask[:, :-1] * mask[:, 1:]).bool()].mean().item()) < 1e-5
+    for other in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
+        assert other.tokenizer is not None and other.tokenizer is not gm.tokenizer
+        assert (other.to_tokens(texts) == gm.to_tokens(texts)).all()
+    with pytest.raises(bridge.UsageError, match="tokenizer="):
+        traced("llama")[2]("hello")
