@@ -62,6 +62,20 @@ def _hooks_disabled(sae):
             setattr(sae, n, module)
 
 
+class _ModelHook:
+    """A torch forward hook on one of the model's hook points. ``copy.deepcopy(gm)`` copies the hook points with
+    their torch hooks; the copy's is a no-op, so a copied module never runs an SAE it does not list."""
+
+    def __init__(self, fn=None):
+        self.fn = fn
+
+    def __call__(self, module, args, output):
+        return None if self.fn is None else self.fn(module, args, output)
+
+    def __deepcopy__(self, memo):
+        return _ModelHook()
+
+
 class _Splice:
     """One attached SAE: its fxbridge hook points and the torch hooks that run it at its output hook point."""
 
@@ -86,8 +100,8 @@ class _Splice:
                 if isinstance(module, nn.Module):
                     self.handles.append(module.register_forward_hook(self._inner(self.point(short))))
             if self.in_name != self.out_name:
-                self.handles.append(gm.hook_dict[self.in_name].register_forward_hook(self._capture))
-            self.handles.append(gm.hook_dict[self.out_name].register_forward_hook(self._run))
+                self.handles.append(gm.hook_dict[self.in_name].register_forward_hook(_ModelHook(self._capture)))
+            self.handles.append(gm.hook_dict[self.out_name].register_forward_hook(_ModelHook(self._run)))
         except BaseException:
             self.detach()
             raise

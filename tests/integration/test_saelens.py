@@ -57,9 +57,7 @@ def traced_with_tokenizer(arch: str):
     """(HF model, traced module with the word tokenizer), traced once per module run."""
     if arch not in _MODELS:
         model = build(arch)
-        gm = bridge.trace(model)
-        gm.set_tokenizer(word_tokenizer())
-        _MODELS[arch] = (model, gm)
+        _MODELS[arch] = (model, bridge.trace(model, tokenizer=word_tokenizer()))
     return _MODELS[arch]
 
 

@@ -25,9 +25,7 @@ def word_tokenizer():
 @pytest.fixture(scope="module")
 def models():
     model = build("gpt2")
-    gm = bridge.trace(model)
-    gm.set_tokenizer(word_tokenizer())
-    return model, gm
+    return model, bridge.trace(model, tokenizer=word_tokenizer())
 
 
 def _report_lines(logits_row, answer_id: int, top_k: int, decode) -> list[str]:

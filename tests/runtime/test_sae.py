@@ -316,3 +316,18 @@ def test_exclude_special_tokens_bypasses_those_positions(setup):
         with pytest.raises(ValueError, match="tokenizer"):
             gm.add_sae(sae, exclude_special_tokens=True)
     assert gm.acts_to_saes == {}
+
+
+@pytest.mark.parametrize("setup", ARCHS[:1], indirect=True)
+def test_deepcopy_with_an_sae_attached_copies_no_sae(setup):
+    import copy
+    ref, gm = setup
+    sae, ids = TinySAE(H), tokens(1, 5)
+    want, _ = hf_run(ref, layer(ref, gm), ids, replace=lambda x: recons_by_hand(sae, x))
+    plain, _ = hf_run(ref, layer(ref, gm), ids)
+    gm.add_sae(sae)
+    twin = copy.deepcopy(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(ids), plain, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(gm(ids), want, atol=1e-5, rtol=1e-5)
+    assert twin.acts_to_saes == {} and f"{H}.hook_sae_acts_post" not in twin.hook_dict
