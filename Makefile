@@ -1,5 +1,7 @@
 # `make demo` and `make test`: both create .venv when missing and install the project into it (newest versions).
 # `make test-lowest`: the same suite in .venv-lowest on the lowest versions pyproject.toml declares.
+# `make test-sae`: the SAELens integration test (tests/integration, marker `sae`) in its own .venv-sae with the `sae`
+# extra (sae-lens pulls transformer-lens 3.x); `make test` skips it where sae_lens is not installed.
 PYTHON ?= python3
 # make test spreads the suite over this many pytest-xdist workers (one per core here); all tests of one tiny
 # architecture run in one worker, which traces it once (tests/conftest.py groups them). PYTEST_WORKERS=0: serial.
@@ -13,8 +15,11 @@ PYTHON_LOWEST ?= python3.11
 VENV_LOWEST := .venv-lowest
 PY_LOWEST := $(VENV_LOWEST)/bin/python
 STAMP_LOWEST := $(VENV_LOWEST)/.installed
+VENV_SAE := .venv-sae
+PY_SAE := $(VENV_SAE)/bin/python
+STAMP_SAE := $(VENV_SAE)/.installed
 
-.PHONY: demo test test-lowest bench install clean
+.PHONY: demo test test-lowest test-sae bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +51,19 @@ $(STAMP_LOWEST): $(PY_LOWEST) pyproject.toml constraints-lowest.txt
 test-lowest: $(STAMP_LOWEST)
 	FXBRIDGE_CONSTRAINTS=constraints-lowest.txt $(PY_LOWEST) -m pytest $(PYTEST_ARGS)
 
+$(PY_SAE):
+	$(PYTHON) -m venv $(VENV_SAE)
+
+$(STAMP_SAE): $(PY_SAE) pyproject.toml constraints-ci.txt
+	$(PY_SAE) -m pip install --quiet --upgrade pip
+	$(PY_SAE) -m pip install --quiet -c constraints-ci.txt -e ".[test,sae]"
+	touch $(STAMP_SAE)
+
+test-sae: $(STAMP_SAE)
+	FXBRIDGE_CONSTRAINTS=constraints-ci.txt $(PY_SAE) -m pytest -m sae tests/integration
+
 bench: $(STAMP)
 	$(PY) -m fxbridge bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VENV_LOWEST) build *.egg-info
+	rm -rf $(VENV) $(VENV_LOWEST) $(VENV_SAE) build *.egg-info

@@ -3,7 +3,9 @@
 - ``get_act_name("pattern", 3)`` -> ``"blocks.3.attn.hook_pattern"`` (TL's shorthand);
 - ``lm_cross_entropy_loss(logits, tokens, attention_mask=None, per_token=False)`` (TL's next-token loss; what
   ``gm(..., return_type="loss")`` computes);
-- ``to_numpy`` (TL's helper).
+- ``to_numpy`` (TL's helper);
+- ``test_prompt(prompt, answer, model, prepend_space_to_answer=True, print_details=True, prepend_bos=None,
+  top_k=10)``: TL's printed report of the answer's rank, logit and probability (``runtime/prompts.py``).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from .runtime.forward import lm_cross_entropy_loss
 from .runtime.names import get_act_name
+from .runtime.prompts import test_prompt
 
 
 def to_numpy(tensor) -> np.ndarray:
@@ -27,4 +30,4 @@ def to_numpy(tensor) -> np.ndarray:
     raise ValueError(f"to_numpy takes a tensor, array, list, tuple or number, got {type(tensor).__name__}")
 
 
-__all__ = ["get_act_name", "lm_cross_entropy_loss", "to_numpy"]
+__all__ = ["get_act_name", "lm_cross_entropy_loss", "test_prompt", "to_numpy"]

@@ -71,7 +71,8 @@ class HookPoint(FastCallModule):
 
     @property
     def has_hooks(self) -> bool:
-        return bool(self._fwd or self._bwd)
+        """Whether anything runs here: fxbridge hooks, or torch forward hooks on the module (an attached SAE)."""
+        return bool(self._fwd or self._bwd or self._forward_hooks)
 
     def add_hook(self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, prepend: bool = False) -> HookHandle:
         if dir not in ("fwd", "bwd"):
