@@ -5,7 +5,7 @@ the same fields for any traced family from what fxbridge already knows: sizes fr
 layout facts from the ArchSpec (norm kind, rotary, parallel block, sandwich norms), the rest from the HF config
 (activation name, rotary base, softcaps) and the HF modules (norm epsilon, MLP width). ``device`` and ``dtype`` are
 read from the module each time, so they follow ``gm.to("cuda")``. Values are TL's conventions (``n_key_value_heads``
-None without GQA, softcaps -1.0 when off); ``docs/tl_tok.md`` has the field -> source table.
+None without GQA, softcaps -1.0 when off); ``docs/tl_tokenizer_cfg.md`` has the field -> source table.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Unprocessed, as TransformerLens's ``from_pretrained_no_processing``: no LayerNor
 ``(1 + w)`` added to Gemma's norm weights. Per-layer tensors are views of the HF weights wherever the layout
 allows (editing ``gm.blocks[3].attn.W_Q`` in place edits ``q_proj.weight``); model-level properties stack the
 layers, which copies (as TransformerLens's ``torch.stack`` does). Which tensor is a view and which a copy is
-listed in ``docs/tl_w.md``.
+listed in ``docs/tl_weights_cache.md``.
 
 ``gm.blocks[i]`` is a ``BlockView``: the layer's weights plus its hook points as attributes. The ``blocks``
 container of hook points (an ``nn.Module``, the graph's ``call_module`` targets live under it) becomes a

@@ -157,7 +157,7 @@ def test_an_exception_inside_the_graph_prints_nothing_to_stderr(llama, capfd):
     assert "FX-traced Module" not in captured.err and captured.err.count("\n") < 3, captured.err
 
 
-@pytest.mark.parametrize("kwarg", ["position_ids", "inputs_embeds", "past_key_values", "use_cache"])
+@pytest.mark.parametrize("kwarg", ["inputs_embeds", "past_key_values", "use_cache", "labels"])
 def test_hf_forward_arguments_the_capture_does_not_cover_are_named(llama, kwarg):
     _, gm = llama
     with pytest.raises(TypeError, match=f"does not take {kwarg}"):
