@@ -32,3 +32,13 @@ def gpt2_like() -> PreTrainedTokenizerFast:
 def llama_like() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=_base("<s>"), bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
+
+
+def numbered(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over a whole tiny vocabulary: <bos>=0 (also eos), <unk>=1, <pad>=2, then ``w3`` ...
+    ``w{vocab_size-1}`` (text of any token ids: ``" ".join(f"w{i}" for i in ids)``)."""
+    vocab = {"<bos>": 0, "<unk>": 1, "<pad>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>", unk_token="<unk>",
+                                   pad_token="<pad>")

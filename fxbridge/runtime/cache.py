@@ -141,9 +141,15 @@ class ResidAnalysis:
             result = _slice(self[("result", l, "attn")], pos_slice, -3)
             parts.append(result)
             labels.extend(f"L{l}H{h}" for h in range(result.shape[-2]))
+        return self._component_stack(parts, labels, layer, "stack_head_results", pos_slice=pos_slice,
+                                     incl_remainder=incl_remainder, apply_ln=apply_ln, return_labels=return_labels)
+
+    def _component_stack(self, parts, labels, layer, caller, *, pos_slice, incl_remainder, apply_ln, return_labels):
+        """Per-layer [..., C, D] parts stacked to [C_total, ..., D], TL's ``"remainder"`` (resid_post of layer-1 minus
+        their sum) appended with ``incl_remainder``, then ``apply_ln``; ``(stack, labels)`` with ``return_labels``."""
         stack = torch.cat(parts, dim=-2).movedim(-2, 0) if parts else None
         if incl_remainder:
-            resid = _slice(self._need(("resid_post", layer - 1), "stack_head_results(incl_remainder)"), pos_slice, -2)
+            resid = _slice(self._need(("resid_post", layer - 1), f"{caller}(incl_remainder)"), pos_slice, -2)
             rest = resid if stack is None else resid - stack.sum(0)
             stack = rest[None] if stack is None else torch.cat([stack, rest[None]])
             labels.append("remainder")
@@ -174,17 +180,8 @@ class ResidAnalysis:
             parts.append(self.get_neuron_results(l, neuron_slice=neuron_slice, pos_slice=pos_slice))
             index = _slice(torch.arange(self._model().blocks[l].mlp.W_out.shape[0]), neuron_slice, 0)
             labels.extend(f"L{l}N{int(n)}" for n in index.reshape(-1))
-        stack = torch.cat(parts, dim=-2).movedim(-2, 0) if parts else None
-        if incl_remainder:
-            resid = _slice(self._need(("resid_post", layer - 1), "stack_neuron_results(incl_remainder)"), pos_slice, -2)
-            rest = resid if stack is None else resid - stack.sum(0)
-            stack = rest[None] if stack is None else torch.cat([stack, rest[None]])
-            labels.append("remainder")
-        if stack is None:
-            stack = self._empty_stack(pos_slice)
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
-        return (stack, labels) if return_labels else stack
+        return self._component_stack(parts, labels, layer, "stack_neuron_results", pos_slice=pos_slice,
+                                     incl_remainder=incl_remainder, apply_ln=apply_ln, return_labels=return_labels)
 
     def get_full_resid_decomposition(self, layer: int | None = None, mlp_input: bool = False,
                                      expand_neurons: bool = True, apply_ln: bool = False, pos_slice=None,

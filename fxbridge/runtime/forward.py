@@ -123,6 +123,13 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
+def counted_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The positions HF's forward derives from the mask where it does so itself (OPT): each row counts its unmasked
+    tokens from 0, pads get -1 (``cumsum(mask) * mask - 1``; the same as ``positions_from_mask`` on real tokens)."""
+    mask = attention_mask.long()
+    return mask.cumsum(-1) * mask - 1
+
+
 def layer_index(layer, n_layers: int, what: str, *, allow_end: bool) -> int:
     """``layer`` as an index in ``[0, n_layers]`` (``allow_end``) or ``[0, n_layers)``; negatives count from the end."""
     import operator

@@ -33,7 +33,7 @@ from ..errors import UsageError, unknown_hook_error
 from ..tracer.graph_facts import hf_path
 from .cache import ActivationCache
 from .fast_forward import build_fast_forward, slots_for
-from .forward import (check_input_ids, check_mask, check_positions, check_return_type, layer_index, model_output,
+from .forward import (check_input_ids, counted_positions, check_mask, check_positions, check_return_type, layer_index, model_output,
                       positions_from_mask, reads_tokens, start_graph, unsupported_arguments)
 from .hook_point import HookHandle, HookPoint
 from .names import aliases_for, hook_name, shape_of
@@ -147,7 +147,7 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
         if "position_ids" not in self._fxb_inputs:
             return ids, attention_mask
         if position_ids is None:  # HF's default: 0..S-1 in every row (OPT: counted over the mask)
-            position_ids = (positions_from_mask(attention_mask) if self._fxb_positions == "mask"
+            position_ids = (counted_positions(attention_mask) if self._fxb_positions == "mask"
                             else torch.arange(ids.shape[1], device=ids.device).expand(ids.shape))
         return ids, attention_mask, position_ids
 

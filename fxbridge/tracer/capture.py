@@ -270,17 +270,22 @@ def probe_default_positions(model) -> str | None:
     device = _model_device(model)
     if device.type == "meta":
         return "arange"
-    from ..runtime.forward import positions_from_mask
+    from ..runtime.forward import counted_positions
     ids, mask = _example_inputs(model, 2, 5)
     mask[1, :2] = 0  # the second row left-padded by two
     kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     with torch.no_grad():
-        run = lambda **kw: model(input_ids=ids, attention_mask=mask, **kwargs, **kw).logits.float()[mask.bool()]
+        run = lambda **kw: model(input_ids=ids, attention_mask=mask, **kwargs, **kw).logits.float()
         default = run()
-        scale = max(float(default.abs().max()), 1.0)
+        scale = max(float(default.nan_to_num().abs().max()), 1.0)
         for mode, positions in (("arange", torch.arange(5, device=device).expand(2, 5)),
-                                ("mask", positions_from_mask(mask))):
-            if torch.allclose(default, run(position_ids=positions), rtol=1e-3, atol=1e-4 * scale):
+                                ("mask", counted_positions(mask))):
+            try:  # every position, the padded ones too (OPT's pads sit at -1 + its offset)
+                same = torch.allclose(default, run(position_ids=positions), rtol=1e-3, atol=1e-4 * scale,
+                                      equal_nan=True)
+            except (IndexError, RuntimeError):  # positions this family's forward rejects
+                same = False
+            if same:
                 return mode
     log.info("%s: HF's default positions are neither 0..S-1 nor mask-derived; capturing without position_ids",
              type(model).__name__)

@@ -31,6 +31,7 @@ from sae_lens.training.activations_store import ActivationsStore  # noqa: E402
 
 import fxbridge as bridge  # noqa: E402
 from tiny import VOCAB, build, forward_hooks  # noqa: E402
+from tiny_tokenizer import numbered  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 # SAELens's advice for real runs (tiny in-process datasets, untokenized text, several epochs) is noise here
@@ -40,14 +41,7 @@ D = 64  # d_model of the tiny models
 
 
 def word_tokenizer():
-    """A word-level tokenizer over the tiny vocabulary: <bos>=0, <unk>=1, <pad>=2, then w3 ... w100."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"<bos>": 0, "<unk>": 1, "<pad>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>", unk_token="<unk>",
-                                   pad_token="<pad>")
+    return numbered(VOCAB)
 
 
 _MODELS: dict[str, tuple] = {}

@@ -8,18 +8,13 @@ import torch
 import fxbridge as bridge
 from fxbridge import utils
 from tiny import VOCAB, build
+from tiny_tokenizer import numbered
 
 pytestmark = pytest.mark.xdist_group("gpt2")
 
 
 def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"<bos>": 0, "<unk>": 1, "<pad>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<bos>", unk_token="<unk>",
-                                   pad_token="<pad>")
+    return numbered(VOCAB)
 
 
 @pytest.fixture(scope="module")
