@@ -17,7 +17,7 @@ from ..errors import UsageError, unknown_hook_error
 from .names import get_act_name
 
 
-def _slice(x: torch.Tensor, s, dim: int) -> torch.Tensor:
+def slice_dim(x: torch.Tensor, s, dim: int) -> torch.Tensor:
     """TransformerLens's ``Slice``: None keeps all, an int selects (dropping the dim), a tuple is ``slice(*s)``, a
     slice slices, a list / tensor of indices index-selects."""
     if s is None:
@@ -59,7 +59,7 @@ class ResidAnalysis:
         return self.n_layers if layer is None or layer == -1 else int(layer)
 
     def _empty_stack(self, pos_slice) -> torch.Tensor:
-        embed = _slice(self._need("hook_embed", "an empty stack's shape"), pos_slice, -2)
+        embed = slice_dim(self._need("hook_embed", "an empty stack's shape"), pos_slice, -2)
         return embed.new_zeros(0, *embed.shape)
 
     # ------------------------------------------------------------------------------------------ residual stream
@@ -79,7 +79,7 @@ class ResidAnalysis:
             if (incl_mid and l < layer) or (mlp_input and l == layer):
                 parts.append(self._need(("resid_mid", l), "accumulated_resid(incl_mid / mlp_input)"))
                 labels.append(f"{l}_mid")
-        stack = torch.stack([_slice(p, pos_slice, -2) for p in parts])
+        stack = torch.stack([slice_dim(p, pos_slice, -2) for p in parts])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input,
                                            has_batch_dim=self.has_batch_dim, recompute_ln=layer == self.n_layers)
@@ -108,7 +108,7 @@ class ResidAnalysis:
         if mlp_input and mode != "mlp":
             parts.append(self._need(("attn_out", layer), "decompose_resid(mlp_input=True)"))
             labels.append(f"{layer}_attn_out")
-        stack = torch.stack([_slice(p, pos_slice, -2) for p in parts]) if parts else self._empty_stack(pos_slice)
+        stack = torch.stack([slice_dim(p, pos_slice, -2) for p in parts]) if parts else self._empty_stack(pos_slice)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
@@ -138,7 +138,7 @@ class ResidAnalysis:
         self.compute_head_results()
         parts, labels = [], []
         for l in range(layer):
-            result = _slice(self[("result", l, "attn")], pos_slice, -3)
+            result = slice_dim(self[("result", l, "attn")], pos_slice, -3)
             parts.append(result)
             labels.extend(f"L{l}H{h}" for h in range(result.shape[-2]))
         return self._component_stack(parts, labels, layer, "stack_head_results", pos_slice=pos_slice,
@@ -149,7 +149,7 @@ class ResidAnalysis:
         their sum) appended with ``incl_remainder``, then ``apply_ln``; ``(stack, labels)`` with ``return_labels``."""
         stack = torch.cat(parts, dim=-2).movedim(-2, 0) if parts else None
         if incl_remainder:
-            resid = _slice(self._need(("resid_post", layer - 1), f"{caller}(incl_remainder)"), pos_slice, -2)
+            resid = slice_dim(self._need(("resid_post", layer - 1), f"{caller}(incl_remainder)"), pos_slice, -2)
             rest = resid if stack is None else resid - stack.sum(0)
             stack = rest[None] if stack is None else torch.cat([stack, rest[None]])
             labels.append("remainder")
@@ -162,10 +162,10 @@ class ResidAnalysis:
     # ------------------------------------------------------------------------------------------------ neurons
     def get_neuron_results(self, layer: int, neuron_slice=None, pos_slice=None) -> torch.Tensor:
         """Each neuron's write to the residual, [..., F, D] = post[..., n] * W_out[n] (not cached: cheap)."""
-        acts = _slice(self._need(("post", layer, "mlp"), "get_neuron_results"), pos_slice, -2)
+        acts = slice_dim(self._need(("post", layer, "mlp"), "get_neuron_results"), pos_slice, -2)
         w_out = self._model().blocks[layer].mlp.W_out.detach().to(acts.device, acts.dtype)
         if neuron_slice is not None:
-            acts, w_out = _slice(acts, neuron_slice, -1), _slice(w_out, neuron_slice, 0)
+            acts, w_out = slice_dim(acts, neuron_slice, -1), slice_dim(w_out, neuron_slice, 0)
         return acts[..., None] * w_out
 
     def stack_neuron_results(self, layer: int, pos_slice=None, neuron_slice=None, return_labels: bool = False,
@@ -178,7 +178,7 @@ class ResidAnalysis:
         parts, labels = [], []
         for l in range(layer):
             parts.append(self.get_neuron_results(l, neuron_slice=neuron_slice, pos_slice=pos_slice))
-            index = _slice(torch.arange(self._model().blocks[l].mlp.W_out.shape[0]), neuron_slice, 0)
+            index = slice_dim(torch.arange(self._model().blocks[l].mlp.W_out.shape[0]), neuron_slice, 0)
             labels.extend(f"L{l}N{int(n)}" for n in index.reshape(-1))
         return self._component_stack(parts, labels, layer, "stack_neuron_results", pos_slice=pos_slice,
                                      incl_remainder=incl_remainder, apply_ln=apply_ln, return_labels=return_labels)
@@ -202,7 +202,7 @@ class ResidAnalysis:
             labels = labels + more
         for name, label in (("hook_embed", "embed"), ("hook_pos_embed", "pos_embed")):
             if name in self.cache_dict:
-                parts.append(_slice(self.cache_dict[name], pos_slice, -2)[None])
+                parts.append(slice_dim(self.cache_dict[name], pos_slice, -2)[None])
                 labels.append(label)
         bias = self._model().accumulated_bias(layer, mlp_input, include_mlp_biases=expand_neurons)
         parts.append(bias.detach().to(heads.device, heads.dtype).expand(1, *heads.shape[1:]))
@@ -222,7 +222,7 @@ class ResidAnalysis:
         spec = self._model().spec
         layer = self._layer_arg(layer)
         if has_batch_dim:
-            residual_stack = _slice(residual_stack, batch_slice, 1)
+            residual_stack = slice_dim(residual_stack, batch_slice, 1)
         if layer == self.n_layers:
             key, norm = "ln_final.hook_scale", spec.final_norm
         else:
@@ -236,9 +236,9 @@ class ResidAnalysis:
             return module(residual_stack.to(device)).to(residual_stack.device)
         if spec.norm == "layernorm":
             residual_stack = residual_stack - residual_stack.mean(dim=-1, keepdim=True)
-        scale = _slice(self._need(key, "apply_ln_to_stack"), pos_slice, -2)
+        scale = slice_dim(self._need(key, "apply_ln_to_stack"), pos_slice, -2)
         if batch_slice is not None and self.has_batch_dim:
-            scale = _slice(scale, batch_slice, 0)
+            scale = slice_dim(scale, batch_slice, 0)
         return residual_stack / scale
 
     def logit_attrs(self, residual_stack: torch.Tensor, tokens, incorrect_tokens=None, pos_slice=None,
@@ -261,7 +261,7 @@ class ResidAnalysis:
         """A cache of the batch rows ``batch_slice`` selects (an int drops the batch dim), as TransformerLens."""
         if not self.has_batch_dim:
             raise UsageError("this cache has no batch dim (remove_batch_dim was applied); there is nothing to slice")
-        sliced = {k: _slice(v, batch_slice, 0) for k, v in self.cache_dict.items()}
+        sliced = {k: slice_dim(v, batch_slice, 0) for k, v in self.cache_dict.items()}
         return type(self)(sliced, self.n_layers, not isinstance(batch_slice, int), self.aliases, self.model)
 
     def stack_activation(self, activation_name: str, layer: int = -1, sublayer_type: str | None = None):

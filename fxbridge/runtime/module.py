@@ -31,7 +31,7 @@ from torch import fx
 
 from ..errors import UsageError, unknown_hook_error
 from ..tracer.graph_facts import hf_path
-from .cache import ActivationCache
+from .cache import ActivationCache, slice_dim
 from .fast_forward import build_fast_forward, slots_for
 from .forward import (check_input_ids, counted_positions, check_mask, check_positions, check_return_type, layer_index, model_output,
                       positions_from_mask, reads_tokens, start_graph, unsupported_arguments)
@@ -357,25 +357,34 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
             return self(*args, **kwargs)
 
     def run_with_cache(self, *args, names_filter=None, device=None, remove_batch_dim: bool = False,
-                       incl_bwd: bool = False, return_cache_object: bool = True, **kwargs):
+                       incl_bwd: bool = False, reset_hooks_end: bool = True, clear_contexts: bool = False,
+                       pos_slice=None, return_cache_object: bool = True, **kwargs):
         """Forward, storing the activation of every hook point ``names_filter`` selects (one entry each).
 
         ``incl_bwd=True`` (TransformerLens): the output must be a scalar (``return_type="loss"``); its backward
-        runs here and the cache also holds each selected activation's gradient under ``<name>_grad``."""
+        runs here and the cache also holds each selected activation's gradient under ``<name>_grad``.
+        ``pos_slice`` (TransformerLens's: an int, a (start, stop[, step]) tuple, a slice or indices) keeps only those
+        positions of each activation (the query positions of scores and patterns)."""
         names = self._cache_names(names_filter)
         store: dict[str, torch.Tensor] = {}
 
         def make_saver(key: str, prefix: str = ""):
+            pos_dim = _position_dim(key)
+
             def save(tensor, hook):
                 t = tensor.detach()
                 if device is not None:
                     t = t.to(device)
-                store[prefix + key] = t[0] if remove_batch_dim else t
+                if remove_batch_dim:
+                    t = t[0]
+                if pos_slice is not None and t.dim() >= -pos_dim:
+                    t = slice_dim(t, pos_slice, pos_dim)
+                store[prefix + key] = t
             return save
 
         fwd = [(name, make_saver(name)) for name in names]
         bwd = [(name, make_saver(name + "_grad")) for name in names] if incl_bwd else []
-        with self.hooks(fwd, bwd, reset_hooks_end=True):
+        with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
             out = self(*args, **kwargs)
             if incl_bwd:
                 if not isinstance(out, torch.Tensor) or out.numel() != 1 or not out.requires_grad:
@@ -395,6 +404,13 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
         if callable(names_filter):
             return [name for name in self.hook_dict if names_filter(name)]
         return list(dict.fromkeys(self.resolve(name) for name in names_filter))
+
+
+def _position_dim(name: str) -> int:
+    """The position dim of a hook's activation, counted from the end: the first ``S`` of its table shape (the query
+    positions of scores), -2 where the table does not know the name (as TransformerLens's default)."""
+    shape = shape_of(name.removesuffix("_grad")) or ()
+    return shape.index("S") - len(shape) if "S" in shape else -2
 
 
 def truncate_at(gm: fx.GraphModule, hook_name: str) -> fx.GraphModule:

@@ -244,3 +244,31 @@ def test_calling_a_norm_computes_the_hf_norm(arch):
         assert (gm.ln_final(x) - hf_final(x)).abs().max() < 1e-6
         assert (gm.blocks[0].ln1(x) - hf_ln1(x)).abs().max() < 1e-6
     assert torch.equal(gm.ln_final.w, hf_final.weight)
+
+
+def test_run_with_cache_pos_slice_keeps_the_positions_tl_keeps():
+    """TL's pos_slice: the position dim is -3 for per-head activations (q, k, v, z), -2 for the rest (the query
+    positions of scores and patterns); an int drops the dim."""
+    _, _, gm = traced("llama")
+    ids = tokens(2, 6)
+    with torch.no_grad():
+        _, full = gm.run_with_cache(ids)
+        _, last = gm.run_with_cache(ids, pos_slice=-1)
+        _, span = gm.run_with_cache(ids, pos_slice=(1, 4), remove_batch_dim=False)
+    assert torch.equal(last["blocks.0.hook_resid_pre"], full["blocks.0.hook_resid_pre"][:, -1])
+    assert torch.equal(last["blocks.0.attn.hook_z"], full["blocks.0.attn.hook_z"][:, -1])
+    assert torch.equal(last["blocks.0.attn.hook_rot_q"], full["blocks.0.attn.hook_rot_q"][:, -1])
+    assert torch.equal(last["blocks.0.attn.hook_pattern"], full["blocks.0.attn.hook_pattern"][:, :, -1])
+    assert torch.equal(span["blocks.1.mlp.hook_post"], full["blocks.1.mlp.hook_post"][:, 1:4])
+    assert torch.equal(span["blocks.1.attn.hook_k"], full["blocks.1.attn.hook_k"][:, 1:4])
+
+
+def test_run_with_cache_reset_hooks_end_false_leaves_the_caching_hooks():
+    _, _, gm = traced("llama")
+    try:
+        _, cache = gm.run_with_cache(tokens(1, 3), names_filter="blocks.0.hook_resid_pre", reset_hooks_end=False)
+        assert gm.hook_dict["blocks.0.hook_resid_pre"].has_hooks  # as TL: still attached
+        gm(tokens(1, 5))
+        assert cache["blocks.0.hook_resid_pre"].shape[1] == 5  # and still caching
+    finally:
+        gm.reset_hooks()
