@@ -14,7 +14,7 @@ from transformers.modeling_utils import AttentionInterface
 
 import fxbridge as bridge
 from conftest import arch_params, traced
-from tiny import CONFIGS, build_from_config, eager_reference, left_padded, tokens
+from tiny import CONFIGS, build_from_config, eager_reference, forward_hooks, left_padded, tokens
 
 TOL = 1e-5
 MLA = ["deepseek_v2", "deepseek_v3"]
@@ -59,16 +59,11 @@ def recording(ref, edit=None):
 
 
 def _module_outputs(ref, ids, paths, mask=None):
-    seen, handles = {}, []
-    for path in paths:
-        handles.append(ref.get_submodule(path).register_forward_hook(
-            lambda mod, args, out, path=path: seen.__setitem__(path, out.detach().clone())))
-    try:
-        with torch.no_grad():
-            logits = ref(ids, attention_mask=mask).logits
-    finally:
-        for h in handles:
-            h.remove()
+    seen = {}
+    pairs = [(ref.get_submodule(path), lambda mod, args, out, path=path: seen.__setitem__(path, out.detach().clone()))
+             for path in paths]
+    with torch.no_grad(), forward_hooks(*pairs):
+        logits = ref(ids, attention_mask=mask).logits
     return seen, logits
 
 
@@ -163,13 +158,9 @@ def test_an_edit_of_the_kv_latent_equals_the_same_edit_on_hf(mla):
         t[..., 5] *= 3.0
         return t
 
-    handle = ref.get_submodule(f"model.layers.{layer}.self_attn.kv_a_layernorm").register_forward_hook(
-        lambda mod, args, out: edit(out))
-    try:
-        with torch.no_grad():
-            want = ref(ids).logits
-    finally:
-        handle.remove()
+    latent_norm = ref.get_submodule(f"model.layers.{layer}.self_attn.kv_a_layernorm")
+    with torch.no_grad(), forward_hooks((latent_norm, lambda mod, args, out: edit(out))):
+        want = ref(ids).logits
     with torch.no_grad():
         got = gm.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.attn.hook_kv_latent", lambda t, hook: edit(t))])
         clean = gm(ids)
@@ -362,12 +353,9 @@ def test_an_edit_of_the_routing_weights_takes_effect(mla):
     model, ref, gm = mla
     ids, layer = tokens(2, 6), 1
     router = ref.model.layers[layer].mlp.gate
-    handle = router.register_forward_hook(lambda m, a, out: (out[0], out[1] * torch.tensor([2.0, 0.0]), out[2]))
-    try:
-        with torch.no_grad():
-            want = ref(ids).logits
-    finally:
-        handle.remove()
+    boost_first = (router, lambda m, a, out: (out[0], out[1] * torch.tensor([2.0, 0.0]), out[2]))
+    with torch.no_grad(), forward_hooks(boost_first):
+        want = ref(ids).logits
     with torch.no_grad():
         got = gm.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.mlp.hook_routing_weights",
                                                  lambda t, hook: t * torch.tensor([2.0, 0.0]))])

@@ -14,7 +14,7 @@ import fxbridge as bridge
 from conftest import arch_params, traced
 from fxbridge.runtime.attention import eager_attention
 from fxbridge.tracer.attention_op import AttentionCall
-from tiny import CONFIGS, FEATURE_GUARDS, build_from_config, eager_reference, left_padded, tokens
+from tiny import CONFIGS, FEATURE_GUARDS, build_from_config, eager_reference, forward_hooks, left_padded, tokens
 
 TOL = 1e-5
 ARCH = arch_params(["gpt_oss"])
@@ -47,16 +47,11 @@ def _diff(a, b) -> float:
 
 def _hf_patterns(ref, ids, mask=None):
     """HF eager's attention weights per layer (the second output of each GptOssAttention: probs[..., :-1])."""
-    seen, handles = {}, []
-    for i, layer in enumerate(ref.model.layers):
-        handles.append(layer.self_attn.register_forward_hook(
-            lambda mod, args, out, i=i: seen.__setitem__(i, out[1])))
-    try:
-        with torch.no_grad():
-            logits = ref(ids, attention_mask=mask).logits
-    finally:
-        for h in handles:
-            h.remove()
+    seen = {}
+    pairs = [(layer.self_attn, lambda mod, args, out, i=i: seen.__setitem__(i, out[1]))
+             for i, layer in enumerate(ref.model.layers)]
+    with torch.no_grad(), forward_hooks(*pairs):
+        logits = ref(ids, attention_mask=mask).logits
     return seen, logits
 
 
