@@ -40,6 +40,8 @@ class DiffAttentionCore(FastCallModule):
     q [B,H,S,dh], k [B,Hkv,S,dh], v1 / v2 [B,Hkv,S,dh], lam a 0-dim tensor -> d [B,S,H/2,2dh].
     """
 
+    KV_INPUTS, MASK_INPUT = (1, 2, 3), 4  # what KV-cached decoding caches and re-masks (runtime/decode.py)
+
     def __init__(self, scaling: float, layer: int):
         super().__init__()
         self.scaling, self.layer = float(scaling), layer

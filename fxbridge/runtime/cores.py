@@ -29,6 +29,9 @@ class AttentionCore(FastCallModule):
     ``force_eager`` makes it always materialise scores and pattern (useful to compare the two paths).
     """
 
+    # KV-cached decoding (runtime/decode.py): the positional inputs with a key-position dim 2, and the mask's
+    KV_INPUTS, MASK_INPUT = (1, 2), 3
+
     def __init__(self, scaling: float, softcap: float | None, layer: int, sinks: bool = False):
         super().__init__()
         self.scaling, self.softcap, self.layer, self.sinks = float(scaling), softcap, layer, bool(sinks)

@@ -35,6 +35,7 @@ from .cache import ActivationCache, slice_dim
 from .fast_forward import build_fast_forward, slots_for
 from .forward import (check_input_ids, counted_positions, check_mask, check_positions, check_return_type, layer_index, model_output,
                       positions_from_mask, reads_tokens, start_graph, unsupported_arguments)
+from .generate import GenerateMixin
 from .hook_point import HookHandle, HookPoint
 from .names import aliases_for, hook_name, shape_of
 from .sae import SAEMixin
@@ -44,7 +45,7 @@ from .weights import WeightsMixin
 NameOrFilter = "str | Callable[[str], bool]"
 
 
-class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, fx.GraphModule):
+class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, GenerateMixin, fx.GraphModule):
     """``gm(input_ids, attention_mask=None, stop_at_layer=None) -> logits`` plus the hook API (HOOKS.md)."""
 
     def __init__(self, root: torch.nn.Module, graph: fx.Graph, *, spec, dims: dict[str, int],
