@@ -331,3 +331,20 @@ def test_deepcopy_with_an_sae_attached_copies_no_sae(setup):
         torch.testing.assert_close(twin(ids), plain, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(gm(ids), want, atol=1e-5, rtol=1e-5)
     assert twin.acts_to_saes == {} and f"{H}.hook_sae_acts_post" not in twin.hook_dict
+
+
+@pytest.mark.parametrize("setup", ARCHS, indirect=True)
+def test_generation_with_an_sae_attached_equals_the_no_cache_loop(setup):
+    """An attached SAE is spliced into every forward of ``generate``; with the KV cache its reconstruction at each
+    new position gives the tokens of the no-cache loop (the SAE on the whole sequence, argmax, append)."""
+    ref, gm = setup
+    sae, ids = TinySAE(H), tokens(2, 6)
+    with gm.saes(saes=[sae]):
+        cached = gm.generate(ids, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False)
+        loop = ids
+        for _ in range(5):
+            with torch.no_grad():
+                loop = torch.cat([loop, gm(loop)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    plain = gm.generate(ids, max_new_tokens=5, do_sample=False, stop_at_eos=False, verbose=False)
+    assert torch.equal(cached, loop)
+    assert not torch.equal(cached, plain)  # the SAE's reconstruction error changes what is generated
