@@ -151,3 +151,18 @@ def test_suite_is_found_from_a_regular_install(tmp_path):
     listed = [Path(line.split()[-1]) for line in done.stdout.splitlines()]
     assert [path.stem for path in listed] == SUITE_FILES
     assert all(path.parent == target / "fxbridge" / "bench_configs" and path.is_file() for path in listed)
+
+
+def test_decoding_benchmark_checks_tokens_and_reports_ratios(tmp_path, capsys):
+    """benchmarks/generate.py at toy sizes: it checks every traced workload's greedy tokens against HF generate's
+    (it refuses to time otherwise) and reports each workload's ratio to HF."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import generate as decoding
+    finally:
+        sys.path.remove(str(REPO))
+    import torch
+    rows = decoding.run("cpu", repeats=1, warmup=0, sizes=(torch.float32, 2, 5, 3))
+    assert [r["workload"] for r in rows] == ["hf", "traced", "hook_resid", "hook_every_resid", "no_cache"]
+    assert rows[0]["ratio_to_hf"] == 1.0 and all(r["seconds"] > 0 for r in rows)
+    assert "x HF" in decoding.format_rows(rows)
