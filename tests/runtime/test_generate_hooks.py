@@ -104,8 +104,12 @@ def test_hooks_see_the_prompt_then_one_new_position_per_step(arch):
 def test_without_the_kv_cache_every_step_recomputes_the_whole_sequence():
     _, _, gm = traced("llama")
     seen: dict = {}
-    with gm.hooks([("blocks.0.hook_resid_post", _recorder(seen)), ("blocks.0.attn.hook_pattern", _recorder(seen))]):
+    gm.add_hook("blocks.0.hook_resid_post", _recorder(seen))  # add_hook's hooks fire as hooks()'s do
+    gm.add_hook("blocks.0.attn.hook_pattern", _recorder(seen))
+    try:
         _greedy(gm, tokens(2, 6), use_past_kv_cache=False)
+    finally:
+        gm.reset_hooks()
     d, h = gm.cfg.d_model, gm.cfg.n_heads
     assert seen["blocks.0.hook_resid_post"] == [(2, 6 + t, d) for t in range(NEW)]
     assert seen["blocks.0.attn.hook_pattern"] == [(2, h, 6 + t, 6 + t) for t in range(NEW)]
