@@ -1,8 +1,10 @@
 """``gm.generate``: greedy tokens equal HF ``generate(do_sample=False)`` for every tiny family, plain and left-padded,
 with the KV cache and without it.
 
-Oracle: HF's own ``model.generate`` on the traced HF model (its default attention and dynamic KV cache; positions
-from the mask), stopping at the generation config's EOS id as ``gm.generate`` does, finished rows padded with it.
+Oracle: HF's own ``generate`` (its dynamic KV cache; positions from the mask) on the eager-attention copy of the traced
+HF model, the reference of every parity test; it stops at the generation config's EOS id as ``gm.generate`` does,
+finished rows padded with it. (Eager, not the model's default: transformers 5.15 defaults Gemma 2 to SDPA, which drops
+its attention softcap, 0.55 off eager's logits; 5.24 defaults it to eager.)
 """
 import torch
 from conftest import traced  # noqa: F401  (the trio fixture traces through it)
@@ -32,7 +34,7 @@ def _ours(gm, model, ids, mask=None, **kwargs):
 
 
 def test_greedy_generation_equals_hf_generate(trio):
-    model, _, gm = trio
+    _, model, gm = trio
     ids = tokens(2, 6)
     expected = _hf_greedy(model, ids)
     assert expected.shape[1] > ids.shape[1]
@@ -41,7 +43,7 @@ def test_greedy_generation_equals_hf_generate(trio):
 
 
 def test_greedy_generation_of_a_left_padded_batch_equals_hf_generate(trio):
-    model, _, gm = trio
+    _, model, gm = trio
     ids, mask = left_padded(3, 7, [0, 2, 4])
     expected = _hf_greedy(model, ids, mask)
     assert torch.equal(_ours(gm, model, ids, mask), expected)

@@ -50,7 +50,7 @@ def _steer(vector):
 
 @pytest.mark.parametrize("arch", arch_params(STEERED))
 def test_steering_equals_the_no_cache_loop_and_hf_generate_with_the_same_edit(arch):
-    model, _, gm = traced(arch)
+    _, model, gm = traced(arch)  # HF's side: the eager copy (tests/runtime/test_generate.py says why)
     ids, mask = left_padded(2, 7, [0, 3])
     layer = 1
     vector = torch.randn(gm.cfg.d_model, generator=torch.Generator().manual_seed(3)) * 4.0
