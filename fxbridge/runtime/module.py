@@ -194,6 +194,15 @@ class HookedGraphModule(TokensMixin, WeightsMixin, SAEMixin, GenerateMixin, fx.G
                     f"gm = fxbridge.trace(gm.hf.to({probe.dtype})).")
         return super()._apply(fn, recurse)
 
+    def compile(self, *args, **kwargs) -> None:
+        """``nn.Module.compile``: ``torch.compile`` this module in place (docs/compile.md: what recompiles, what a hook
+        may do). A meta-traced module has no weights to compile against and is refused."""
+        if self._fxb_meta:
+            raise UsageError("this module was traced on the meta device: there is nothing to compile (its graph holds "
+                             "meta-device constants and it runs only on meta tensors). Materialise the HF model's "
+                             "weights and trace it again on its real device, then compile")
+        super().compile(*args, **kwargs)
+
     def train(self, mode: bool = True):
         """Sets the HF model's mode (it is the caller's model); the traced graph is an inference capture and has no
         dropout, so its outputs do not change (a warning says so)."""
