@@ -53,8 +53,11 @@ class Decoder:
     masks: fx.GraphModule
     prefill: fx.GraphModule
     step: fx.GraphModule
+    static: fx.GraphModule
     inputs: tuple[str, ...]
     n_kv: int
+    static_reason: str | None = None  # why a static cache cannot serve this graph (None: it can)
+    _compiled: dict | None = None  # torch.compile options (as a sorted tuple) -> the compiled static step
 
     def run(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None, n_new: int,
             past: tuple | None):
@@ -68,6 +71,53 @@ class Decoder:
         if past is None:
             return self.prefill(*new, *rows, cached)
         return self.step(*new, *rows, cached, *past)
+
+
+    # ---------------------------------------------------------------------- static cache (compiled decoding)
+    def start_static(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None, length: int):
+        """Prefill the prompt ``ids`` [B,P] into a static cache of ``length`` positions; returns (logits of the prompt,
+        state). The masks of all ``length`` positions are built once (generated tokens extend the mask with ones) and
+        a step takes its row: a causal mask's rows do not depend on the positions after them."""
+        if self.static_reason is not None:
+            raise UsageError(self.static_reason)
+        batch, prompt = ids.shape
+        full_mask = torch.cat([mask, mask.new_ones(batch, length - prompt)], dim=1)
+        full_positions = None
+        if positions is not None:
+            full_positions = torch.cat([positions, positions[:, -1:] + torch.arange(
+                1, length - prompt + 1, device=positions.device)], dim=1)
+        full_ids = torch.cat([ids, ids.new_zeros(batch, length - prompt)], dim=1)  # the mask graph reads their shape
+        masks = tuple(self.masks(*_inputs(self.inputs, full_ids, full_mask, full_positions)))
+        for m in masks:
+            if m.dim() < 2 or m.shape[-2:] != (length, length):
+                raise UsageError(f"an attention mask of the traced graph has shape {tuple(m.shape)}, not [..., "
+                                 f"{length}, {length}]: a static cache needs causal masks; generate without compile")
+        rows = tuple(m[..., :prompt, :prompt] for m in masks)
+        logits, kv = self.prefill(*_inputs(self.inputs, ids, mask, positions), *rows,
+                                  torch.tensor(0, device=ids.device))
+        cache = []
+        for value in kv:
+            buffer = value.new_zeros((*value.shape[:2], length, *value.shape[3:]))
+            buffer[:, :, :prompt] = value
+            cache.append(buffer)
+        return logits, {"masks": masks, "mask": full_mask, "positions": full_positions, "cache": tuple(cache)}
+
+    def static_step(self, state: dict, new_ids: torch.Tensor, position: int, options: dict | None = None):
+        """Logits [B,1,V] of ``new_ids`` [B,1] at sequence position ``position``, its k / v written into the cache,
+        by the static step compiled with ``options`` (``torch.compile``'s keywords; compiled once per options,
+        recompiled by dynamo when the batch size, the cache length or the set of attached hooks changes)."""
+        key = tuple(sorted((options or {}).items()))
+        if self._compiled is None:
+            self._compiled = {}
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(self.static, **{"dynamic": False, **(options or {})})
+        compiled = self._compiled[key]
+        rows = tuple(m[..., position:position + 1, :].contiguous() for m in state["masks"])
+        index = torch.tensor([position], device=new_ids.device)
+        values = {"input_ids": new_ids.contiguous(), "attention_mask": state["mask"][:, position:position + 1].contiguous(),
+                  "position_ids": None if state["positions"] is None else
+                  state["positions"][:, position:position + 1].contiguous()}
+        return compiled(*(values[name] for name in self.inputs), *rows, index[0], index, *state["cache"])[0]
 
 
 def _inputs(names, ids, mask, positions) -> tuple:
@@ -125,11 +175,29 @@ def build_decoder(gm: fx.GraphModule) -> Decoder:
     masks.output(tuple(env[m] for m in mask_nodes))
 
     counters = _position_counters(gm.graph)
-    prefill = _decode_graph(gm.graph, calls, kv_nodes, mask_nodes, counters, with_past=False)
-    step = _decode_graph(gm.graph, calls, kv_nodes, mask_nodes, counters, with_past=True)
-    return Decoder(masks=_fast(_module_for(gm, masks, "MaskGraphModule")),
-                   prefill=_fast(_module_for(gm, prefill, "PrefillGraphModule")),
-                   step=_fast(_module_for(gm, step, "DecodeGraphModule")), inputs=inputs, n_kv=len(kv_nodes))
+    prefill = _decode_graph(gm.graph, calls, kv_nodes, mask_nodes, counters, past="none")
+    step = _decode_graph(gm.graph, calls, kv_nodes, mask_nodes, counters, past="concat")
+    static = _decode_graph(gm.graph, calls, kv_nodes, mask_nodes, counters, past="static")
+    masks_module = _fast(_module_for(gm, masks, "MaskGraphModule"))
+    return Decoder(masks=masks_module, prefill=_fast(_module_for(gm, prefill, "PrefillGraphModule")),
+                   step=_fast(_module_for(gm, step, "DecodeGraphModule")),
+                   static=_module_for(gm, static, "StaticDecodeGraphModule"), inputs=inputs, n_kv=len(kv_nodes),
+                   static_reason=_static_reason(calls, masks_module))
+
+
+def _static_reason(calls, masks: fx.GraphModule) -> str | None:
+    """Why a static cache (a fixed-length buffer whose unused positions only a causal mask hides) cannot serve
+    this graph, or None."""
+    unmasked = [node.target for node, core in calls if node.args[core.MASK_INPUT] is None]
+    if unmasked:
+        return (f"{unmasked[0]} attends without a mask, so the unused positions of a static cache would be "
+                "attended: generate without compile")
+    for node in masks.graph.nodes:  # the mask graph may read the token ids' shape, not their values
+        if node.op == "placeholder" and node.name == "input_ids" and any(
+                user.target is not aten.sym_size.int for user in node.users):
+            return "the traced graph's masks read the token ids, which a static cache does not know ahead: " \
+                   "generate without compile"
+    return None
 
 
 def _ancestors(nodes) -> set[fx.Node]:
@@ -160,7 +228,9 @@ def _position_counters(graph: fx.Graph) -> set[fx.Node]:
     return counters
 
 
-def _decode_graph(source: fx.Graph, calls, kv_nodes, mask_nodes, counters, *, with_past: bool) -> fx.Graph:
+def _decode_graph(source: fx.Graph, calls, kv_nodes, mask_nodes, counters, *, past: str) -> fx.Graph:
+    """``past``: "none" (prefill: the new k / v returned), "concat" (``cat([past, new], 2)``, returned) or "static"
+    (``past.index_copy_(2, index, new)`` into fixed-length buffers, written in place; nothing returned)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in source.nodes:
@@ -168,7 +238,8 @@ def _decode_graph(source: fx.Graph, calls, kv_nodes, mask_nodes, counters, *, wi
             env[node] = graph.node_copy(node)
     mask_in = [graph.placeholder(f"fxb_mask_{i}") for i in range(len(mask_nodes))]
     offset = graph.placeholder(_OFFSET)
-    past = [graph.placeholder(f"fxb_past_{i}") for i in range(len(kv_nodes))] if with_past else []
+    index = graph.placeholder("fxb_index") if past == "static" else None
+    buffers = [graph.placeholder(f"fxb_past_{i}") for i in range(len(kv_nodes))] if past != "none" else []
     mask_index = {m: i for i, m in enumerate(mask_nodes)}
     kv_index = {kv: i for i, kv in enumerate(kv_nodes)}
     cores = dict(calls)
@@ -176,15 +247,19 @@ def _decode_graph(source: fx.Graph, calls, kv_nodes, mask_nodes, counters, *, wi
 
     def kv_value(kv: fx.Node) -> fx.Node:
         if kv not in fed:
-            fed[kv] = (graph.call_function(aten.cat.default, ([past[kv_index[kv]], env[kv]], 2)) if with_past
-                       else env[kv])
+            if past == "concat":
+                fed[kv] = graph.call_function(aten.cat.default, ([buffers[kv_index[kv]], env[kv]], 2))
+            elif past == "static":
+                fed[kv] = graph.call_function(aten.index_copy_.default, (buffers[kv_index[kv]], 2, index, env[kv]))
+            else:
+                fed[kv] = env[kv]
         return fed[kv]
 
     for node in source.nodes:
         if node.op == "placeholder":
             continue
         if node.op == "output":
-            graph.output((env[node.args[0]], tuple(fed[kv] for kv in kv_nodes)))
+            graph.output((env[node.args[0]], () if past == "static" else tuple(fed[kv] for kv in kv_nodes)))
             break
         if node in cores:
             core = cores[node]

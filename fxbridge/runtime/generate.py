@@ -99,9 +99,11 @@ class GenerateMixin:
                  top_p: float | None = None, temperature: float = 1.0, freq_penalty: float = 0.0,
                  use_past_kv_cache: bool = True, attention_mask: torch.Tensor | None = None,
                  prepend_bos: bool | None = None, padding_side: str | None = None, return_type: str | None = "input",
-                 verbose: bool = True, *, names_filter=None):
+                 verbose: bool = True, *, names_filter=None, compile: bool | dict | None = None):
         """Sample up to ``max_new_tokens`` tokens with the hooks live (TransformerLens's ``generate``; see
-        ``runtime/generate.py``). With ``names_filter`` it returns ``(output, GenerationCache)``."""
+        ``runtime/generate.py``). With ``names_filter`` it returns ``(output, GenerationCache)``. ``compile=True``
+        (the default on a module after ``gm.compile()``) decodes with a static KV cache and a compiled step; a
+        dict is ``torch.compile``'s options for it (``{"backend": "aot_eager"}``; docs/compile.md)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if return_type not in RETURN_TYPES:
@@ -123,6 +125,11 @@ class GenerateMixin:
 
         positions = positions_from_mask(mask) if "position_ids" in self._fxb_inputs else None
         decoder = self._decoder() if use_past_kv_cache and max_new_tokens else None
+        if compile is None:
+            compile = getattr(self, "_compiled_call_impl", None) is not None  # gm.compile() was called
+        static = None
+        if compile and decoder is not None:
+            static = _bucket(ids.shape[1] + max_new_tokens)
         steps: list[ActivationCache] = []
         store: dict[str, torch.Tensor] = {}
         savers = [(name, _saver(store, name)) for name in self._cache_names(names_filter)] \
@@ -132,7 +139,13 @@ class GenerateMixin:
         past = None
         with torch.inference_mode(), self.hooks(savers):
             for _ in _progress(range(max_new_tokens), verbose):
-                if decoder is not None:
+                if static is not None:
+                    if past is None:
+                        logits, past = decoder.start_static(ids, mask, positions, static)
+                    else:
+                        logits = decoder.static_step(past, ids[:, -1:], ids.shape[1] - 1,
+                                                     compile if isinstance(compile, dict) else None)
+                elif decoder is not None:
                     n_new = ids.shape[1] if past is None else 1
                     logits, past = decoder.run(ids, mask, positions, n_new, past)
                 else:
@@ -213,6 +226,13 @@ class GenerateMixin:
             return ids
         texts = [self.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
         return texts[0] if len(texts) == 1 else texts
+
+
+STATIC_BUCKET = 64  # a static cache's length is the generation's, rounded up to this: one compile serves many lengths
+
+
+def _bucket(length: int) -> int:
+    return -(-length // STATIC_BUCKET) * STATIC_BUCKET
 
 
 def _saver(store: dict, name: str):
