@@ -166,3 +166,17 @@ def test_decoding_benchmark_checks_tokens_and_reports_ratios(tmp_path, capsys):
     assert [r["workload"] for r in rows] == ["hf", "traced", "hook_resid", "hook_every_resid", "no_cache"]
     assert rows[0]["ratio_to_hf"] == 1.0 and all(r["seconds"] > 0 for r in rows)
     assert "x HF" in decoding.format_rows(rows)
+
+
+def test_harvesting_benchmark_checks_activations_and_reports_ratios():
+    """benchmarks/harvest.py at toy sizes, without the compiled workloads (compiling costs minutes here): it checks
+    every workload's activation against HF's hidden state before timing."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import harvest
+    finally:
+        sys.path.remove(str(REPO))
+    import torch
+    rows = harvest.run("cpu", repeats=1, warmup=0, sizes=(torch.float32, 2, 8), compile=False)
+    assert [r["workload"] for r in rows] == ["hf_hidden_states", "cache_full", "cache_stop"]
+    assert rows[0]["ratio_to_hf"] == 1.0 and "x HF" in harvest.format_rows(rows)
