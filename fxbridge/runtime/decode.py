@@ -149,6 +149,7 @@ def attention_calls(gm: fx.GraphModule) -> list[tuple[fx.Node, torch.nn.Module]]
     return calls
 
 
+@torch.compiler.disable  # graph surgery, once per module
 def build_decoder(gm: fx.GraphModule) -> Decoder:
     """The decoder of ``gm`` (built once per traced module by ``gm.generate``)."""
     from .module import _module_for

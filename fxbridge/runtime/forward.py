@@ -145,6 +145,7 @@ def layer_index(layer, n_layers: int, what: str, *, allow_end: bool) -> int:
     return layer + n_layers if layer < 0 else layer
 
 
+@torch.compiler.disable  # graph surgery (under gm.compile(), dynamo would trace it)
 def start_graph(gm: fx.GraphModule, resid_pre: str, stop_at: str | None) -> fx.Graph:
     """A copy of gm's graph whose hook node ``resid_pre`` reads a new first input ``residual`` (what came before it
     is dead: the caller removes it), ending at the hook node ``stop_at`` when given."""

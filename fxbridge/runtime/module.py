@@ -423,6 +423,7 @@ def _position_dim(name: str) -> int:
     return shape.index("S") - len(shape) if "S" in shape else -2
 
 
+@torch.compiler.disable  # graph surgery, run once per cut: never worth dynamo's tracing (under gm.compile())
 def truncate_at(gm: fx.GraphModule, hook_name: str) -> fx.GraphModule:
     """A GraphModule sharing gm's modules whose output is the output of the hook node ``hook_name``."""
     graph = fx.Graph()
@@ -437,6 +438,7 @@ def truncate_at(gm: fx.GraphModule, hook_name: str) -> fx.GraphModule:
     return _module_for(gm, graph, "TruncatedGraphModule")
 
 
+@torch.compiler.disable
 def _module_for(gm: fx.GraphModule, graph: fx.Graph, class_name: str) -> fx.GraphModule:
     """A GraphModule running ``graph`` over gm's own modules and weights (nothing copied); dead code removed."""
     module = fx.GraphModule(gm, graph, class_name=class_name)
