@@ -40,7 +40,9 @@ def _layers(model):
 
 def _scale(factor):
     def hf_hook(module, args, out):
-        return (out[0] * factor, *out[1:]) if isinstance(out, tuple) else out * factor
+        if isinstance(out, (tuple, list)):  # a tuple, or a list (openai-gpt's Block)
+            return type(out)([out[0] * factor, *out[1:]])
+        return out * factor
 
     def hook(resid, hook):
         return resid * factor
@@ -93,7 +95,7 @@ def test_compiled_backward_hooks_see_hfs_gradients(arch):
     recorded = {}
 
     def keep(module, args, out):
-        out = out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, (tuple, list)) else out
         out.retain_grad()
         recorded["out"] = out
     with forward_hooks((_layers(ref)[0], keep)):
