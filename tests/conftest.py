@@ -42,6 +42,12 @@ def arch_params(archs=None, *, slow_beyond_core: bool = False) -> list:
     return params
 
 
+def arch_params_fast(fast) -> list:
+    """``arch_params()`` over every tiny architecture, those outside ``fast`` marked ``slow``."""
+    return [pytest.param(p.values[0], marks=[*p.marks, *([] if p.values[0] in fast else [pytest.mark.slow])])
+            for p in arch_params()]
+
+
 def pytest_report_header(config):
     import einops
     import networkx

@@ -155,11 +155,8 @@ class GenerateMixin:
                                                  model=self))
                     store.clear()
                 final = logits[:, -1, :]
-                if temperature == 0.0:
-                    new = final.argmax(dim=-1)
-                else:
-                    new = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature,
-                                        freq_penalty=freq_penalty, tokens=ids)
+                new = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature,
+                                    freq_penalty=freq_penalty, tokens=ids)  # temperature 0: the argmax
                 if stop_tokens:
                     new = new.masked_fill(finished, eos_pad)
                     finished |= torch.isin(new, stop)

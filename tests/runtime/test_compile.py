@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import arch_params, traced
+from conftest import arch_params, arch_params_fast, traced
 from tiny import CONFIGS, build, forward_hooks, tokens
 
 import fxbridge as bridge
@@ -20,12 +20,7 @@ BACKENDS = {"llama": "inductor", "gpt2": "aot_eager"}
 
 
 def _params():
-    params = []
-    for param in arch_params():
-        arch = param.values[0]
-        marks = list(param.marks) + ([] if arch in BACKENDS else [pytest.mark.slow])
-        params.append(pytest.param(arch, marks=marks))
-    return params
+    return arch_params_fast(BACKENDS)
 
 
 def _layers(model):

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from conftest import arch_params, traced
+from conftest import arch_params_fast, traced
 from tiny import left_padded, tokens
 
 NEW = 6
@@ -18,11 +18,7 @@ AOT = {"backend": "aot_eager"}
 
 
 def _params():
-    params = []
-    for param in arch_params():
-        arch = param.values[0]
-        params.append(pytest.param(arch, marks=list(param.marks) + ([] if arch in FAST else [pytest.mark.slow])))
-    return params
+    return arch_params_fast(FAST)
 
 
 def _eos(model):
